@@ -1,0 +1,78 @@
+"""ESAM (Du et al., ICLR 2022): SAM with Stochastic Weight Perturbation and
+Sharpness-Sensitive Data Selection. Each switch works alone for ablations;
+beta=1 and gamma=1 give exactly SAM's update."""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+
+from esam.optim.base import Closure
+from esam.optim.sam import SAM
+
+
+class ESAM(SAM):
+    """SAM whose first pass covers a random subset of tensors and whose second pass a subset of samples.
+
+    beta  (SWP): each trainable tensor takes part in the first pass and the
+          perturbation with probability beta; the others get no gradient computed
+          there and are not perturbed; e is scaled by 1/beta. The second pass
+          gives every tensor its update gradient (as in the authors' code).
+    gamma (SDS): the second pass uses the k = int(gamma * B) samples whose loss
+          rises most under the perturbation, found by one extra no-grad forward.
+    seed: seeds the generator of the SWP draws, so runs are reproducible.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        base_optimizer: str | type = "sgd",
+        *,
+        rho: float = 0.05,
+        beta: float = 0.6,
+        gamma: float = 0.5,
+        adaptive: bool = False,
+        seed: int | None = None,
+        eps: float = 1e-12,
+        model: torch.nn.Module | None = None,
+        **base_kwargs: Any,
+    ) -> None:
+        for name, value in (("beta", beta), ("gamma", gamma)):
+            if not 0.0 < value <= 1.0:
+                raise ValueError(f"{name} must be in (0, 1], got {name}={value}")
+        super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, eps=eps,
+                         model=model, **base_kwargs)
+        self.beta, self.gamma = float(beta), float(gamma)
+        # CPU generator: the draws are a handful of numbers per step and must not sync the device.
+        self.generator = torch.Generator()
+        self.generator.manual_seed(torch.initial_seed() if seed is None else int(seed))
+
+    def _draw_participants(self) -> list[torch.Tensor]:
+        trainable = self._trainable()
+        if self.beta >= 1.0:
+            return trainable
+        take = torch.rand(len(trainable), generator=self.generator) < self.beta
+        if not bool(take.any()):  # an empty draw would leave nothing to differentiate
+            take[torch.randint(len(trainable), (1,), generator=self.generator)] = True
+        return [p for p, t in zip(trainable, take.tolist()) if t]
+
+    def _perturbation_scale(self) -> float:
+        return self.beta
+
+    @torch.no_grad()
+    def _select(self, closure: Closure, losses_w: torch.Tensor):
+        n = losses_w.shape[0]
+        k = max(1, int(self.gamma * n))
+        if k >= n:
+            return None, None  # gamma=1: no selection forward at all, exactly SAM's cost
+        self._phase("select_forward")
+        rise = closure().detach().float() - losses_w.float()
+        indices = torch.topk(rise, k, sorted=False).indices
+        return indices, rise.mean()
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        if "generator" in state:
+            self.generator.set_state(state["generator"])
