@@ -1,0 +1,129 @@
+"""Structured-config schemas: a typo in a key or a wrong type fails at compose time.
+
+Each YAML option under ``conf/<group>/`` starts with ``defaults: [<group>_schema, _self_]``
+so Hydra merges it onto the dataclass below and rejects unknown keys.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class Precision(str, Enum):
+    auto = "auto"  # bf16 autocast where the device supports it, else fp32
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"  # CUDA only: autocast + GradScaler
+
+
+class Scheduler(str, Enum):
+    cosine = "cosine"
+    constant = "constant"
+
+
+class SchedulePer(str, Enum):
+    epoch = "epoch"  # the ESAM authors' recipe
+    step = "step"
+
+
+@dataclass
+class AugmentConfig:
+    crop_padding: int = 0
+    flip: bool = False
+    cutout: int = 0
+
+
+@dataclass
+class DatasetConfig:
+    name: str = MISSING
+    root: str = "data"           # where CIFAR/ImageNet live (relative to the launch folder)
+    download: bool = True        # CIFAR only; ImageNet cannot be downloaded
+    batch_size: int = 128        # global batch (split over DDP ranks)
+    test_batch_size: int = 512
+    drop_last: bool = False
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    num_workers: int = 4         # ImageFolder loader processes
+    image_size: int = 32         # synthetic side; ImageNet train crop
+    num_classes: int = 10        # synthetic
+    num_train: int = 5000        # synthetic
+    num_test: int = 1000         # synthetic
+    in_channels: int = 3         # synthetic
+    test_size: float = 0.2       # digits: held-out fraction
+
+
+@dataclass
+class ModelConfig:
+    arch: str = MISSING          # registry key (esam.models.MODELS)
+    name: str = "${.arch}"       # what tables and wandb call it
+    channels_last: bool = True
+    args: Dict[str, Any] = field(default_factory=dict)  # passed to the builder
+
+
+@dataclass
+class OptimizerConfig:
+    _target_: str = MISSING
+    _partial_: bool = True
+    name: str = MISSING          # method label in tables and wandb
+    base_optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 1e-3
+    nesterov: bool = False
+
+
+@dataclass
+class SAMConfig(OptimizerConfig):
+    rho: float = 0.05
+    adaptive: bool = False
+
+
+@dataclass
+class ESAMConfig(SAMConfig):
+    beta: float = 0.6
+    gamma: float = 0.5
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 10
+    scheduler: Scheduler = Scheduler.cosine
+    schedule_per: SchedulePer = SchedulePer.epoch
+    warmup_epochs: int = 0
+    label_smoothing: float = 0.0
+    precision: Precision = Precision.auto
+    device: str = "auto"                  # auto | cpu | cuda | cuda:N
+    timing_warmup_steps: int = 5          # steps excluded from the step timer
+    limit_train_batches: int = 0          # 0 = all (for smoke runs)
+    limit_test_batches: int = 0
+    checkpoint_every: int = 1             # epochs; 0 = only at the end and on signals
+    keep_best: bool = True
+    resume: Optional[str] = None          # null | auto | path/to/checkpoint.pt
+    progress: bool = True
+    num_threads: int = 0                  # CPU threads for torch; 0 = torch's default
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "none"                    # none | wandb
+    project: str = "esam"
+    entity: Optional[str] = None
+    mode: Optional[str] = None            # online | offline | disabled; null = WANDB_MODE or online
+    tags: List[str] = field(default_factory=list)
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(group="dataset", name="dataset_schema", node=DatasetConfig)
+    cs.store(group="model", name="model_schema", node=ModelConfig)
+    cs.store(group="optimizer", name="sgd_schema", node=OptimizerConfig)
+    cs.store(group="optimizer", name="sam_schema", node=SAMConfig)
+    cs.store(group="optimizer", name="esam_schema", node=ESAMConfig)
+    cs.store(group="trainer", name="trainer_schema", node=TrainerConfig)
+    cs.store(group="logger", name="logger_schema", node=LoggerConfig)
+
+
+register_configs()
