@@ -47,7 +47,8 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     Subclasses implement :meth:`step`. Optional extras, all off by default:
     ``model`` lets the method keep BatchNorm running statistics to the first pass
     and skip DDP's gradient all-reduce in the first backward; ``grad_scaler`` in
-    ``step`` handles fp16; ``phase_hook`` is called with a phase name at each
+    ``step`` handles fp16; ``seed`` seeds ``self.generator`` for methods that draw
+    random numbers; ``phase_hook`` is called with a phase name at each
     phase boundary so a benchmark can time the phases (it is never called by
     default, so the step stays free of host syncs).
     """
@@ -58,6 +59,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         base_optimizer: str | type = "sgd",
         *,
         model: nn.Module | None = None,
+        seed: int | None = None,
         **base_kwargs: Any,
     ) -> None:
         base_cls = resolve_base_optimizer(base_optimizer)
@@ -70,6 +72,10 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         super().__init__(self.base_optimizer.param_groups, self.base_optimizer.defaults)
         self.param_groups = self.base_optimizer.param_groups
         self.model = model
+        # For methods that draw random numbers (ESAM's SWP): seeded from the run's seed so
+        # runs are reproducible, on the CPU so a draw never waits on the device.
+        self.generator = torch.Generator()
+        self.generator.manual_seed(torch.initial_seed() if seed is None else int(seed))
         self.phase_hook: PhaseHook | None = None
         # Device tensors (no .item()) describing the last step; the trainer averages them.
         self.last_stats: dict[str, torch.Tensor] = {}
@@ -120,10 +126,11 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
 
     # -- state: the base optimizer's state plus whatever the method adds ---------
     def extra_state(self) -> dict[str, Any]:
-        return {}
+        return {"generator": self.generator.get_state()}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        pass
+        if "generator" in state:
+            self.generator.set_state(state["generator"])
 
     def state_dict(self) -> dict[str, Any]:
         return {"base": self.base_optimizer.state_dict(), "extra": self.extra_state()}

@@ -41,11 +41,8 @@ class ESAM(SAM):
             if not 0.0 < value <= 1.0:
                 raise ValueError(f"{name} must be in (0, 1], got {name}={value}")
         super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, eps=eps,
-                         model=model, **base_kwargs)
+                         model=model, seed=seed, **base_kwargs)
         self.beta, self.gamma = float(beta), float(gamma)
-        # CPU generator: the draws are a handful of numbers per step and must not sync the device.
-        self.generator = torch.Generator()
-        self.generator.manual_seed(torch.initial_seed() if seed is None else int(seed))
 
     def _draw_participants(self) -> list[torch.Tensor]:
         trainable = self._trainable()
@@ -66,13 +63,8 @@ class ESAM(SAM):
         if k >= n:
             return None, None  # gamma=1: no selection forward at all, exactly SAM's cost
         self._phase("select_forward")
-        rise = closure().detach().float() - losses_w.float()
+        # Half-precision losses are compared in fp32; float64 ones keep their precision.
+        dtype = torch.promote_types(losses_w.dtype, torch.float32)
+        rise = closure().detach().to(dtype) - losses_w.to(dtype)
         indices = torch.topk(rise, k, sorted=False).indices
         return indices, rise.mean()
-
-    def extra_state(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state()}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        if "generator" in state:
-            self.generator.set_state(state["generator"])

@@ -25,11 +25,12 @@ class SAM(SharpnessAwareOptimizer):
         adaptive: bool = False,
         eps: float = 1e-12,
         model: torch.nn.Module | None = None,
+        seed: int | None = None,
         **base_kwargs: Any,
     ) -> None:
         if not rho >= 0.0:
             raise ValueError(f"rho must be >= 0, got rho={rho}")
-        super().__init__(params, base_optimizer, model=model, **base_kwargs)
+        super().__init__(params, base_optimizer, model=model, seed=seed, **base_kwargs)
         for group in self.param_groups:
             group.setdefault("rho", rho)
             group.setdefault("adaptive", adaptive)
@@ -69,7 +70,8 @@ class SAM(SharpnessAwareOptimizer):
         losses_w = losses_w.detach()
 
         self._phase("perturb")
-        if not self._perturb(participants, grad_scaler):
+        perturbed = self._perturb(participants, grad_scaler)
+        if perturbed is None:  # fp16 overflow: the step is skipped
             self.zero_grad()
             self._phase("end")
             return losses_w
@@ -84,7 +86,7 @@ class SAM(SharpnessAwareOptimizer):
             sharpness = (losses_e.detach() - losses_w).mean()
 
         self._phase("restore")
-        self._restore(participants)
+        self._restore(perturbed)
         self._base_step(grad_scaler)
         self._phase("end")
         n = losses_w.shape[0]
@@ -96,8 +98,9 @@ class SAM(SharpnessAwareOptimizer):
         return losses_w
 
     @torch.no_grad()
-    def _perturb(self, params: list[torch.Tensor], grad_scaler) -> bool:
-        """w <- w + e at ``params``; False (and w untouched) if fp16 gradients overflowed."""
+    def _perturb(self, params: list[torch.Tensor], grad_scaler) -> list[torch.Tensor] | None:
+        """w <- w + e at those ``params`` that got a gradient; returns them, or None (and w
+        untouched) if fp16 gradients overflowed."""
         taking_part = set(params)
         by_group = []
         for group in self.param_groups:
@@ -105,7 +108,7 @@ class SAM(SharpnessAwareOptimizer):
             if ps:
                 by_group.append((group, ps))
         if not by_group:
-            return True
+            return []
         grads_all = [p.grad for _, ps in by_group for p in ps]
         if grad_scaler is not None:
             # fp16: unscale before the norm, and skip the whole step on inf/nan.
@@ -120,7 +123,7 @@ class SAM(SharpnessAwareOptimizer):
         grad_norm = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
         if grad_scaler is not None and not torch.isfinite(grad_norm).item():
             grad_scaler.update(grad_scaler.get_scale() * grad_scaler.get_backoff_factor())
-            return False
+            return None
         for group, ps in by_group:
             scale = group["rho"] / (self._perturbation_scale() * (grad_norm + self.eps))
             es = [p.grad for p in ps]
@@ -131,12 +134,14 @@ class SAM(SharpnessAwareOptimizer):
             backups = [self._backup_for(p) for p in ps]
             torch._foreach_copy_(backups, ps)
             torch._foreach_add_(ps, es)
-        return True
+        return [p for _, ps in by_group for p in ps]
 
     @torch.no_grad()
-    def _restore(self, params: list[torch.Tensor]) -> None:
-        ps = [p for p in params if p in self._backup]
-        torch._foreach_copy_(ps, [self._backup[p] for p in ps])
+    def _restore(self, perturbed: list[torch.Tensor]) -> None:
+        # Exactly the tensors perturbed this step: a backup left from an earlier step
+        # (a tensor unused this time, so no gradient) is stale and must not be copied back.
+        if perturbed:
+            torch._foreach_copy_(perturbed, [self._backup[p] for p in perturbed])
 
     def _backup_for(self, p: torch.Tensor) -> torch.Tensor:
         buf = self._backup.get(p)

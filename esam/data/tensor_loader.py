@@ -1,0 +1,147 @@
+"""A loader for datasets that fit in device memory (CIFAR, digits, synthetic).
+
+Images are kept on the training device as uint8 and augmented a whole batch at a
+time (random crop with zero padding, horizontal flip, Cutout), as in
+KellerJordan/cifar10-airbench: on a 2-core CPU per-sample PIL transforms would
+be the bottleneck, and on a GPU they starve it.
+
+Order and augmentation are pure functions of (seed, epoch, batch index, rank),
+so a run resumed mid-epoch sees exactly the batches it would have seen.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+
+@dataclass
+class Augment:
+    crop_padding: int = 0  # random crop back to the input size after zero-padding by this much
+    flip: bool = False     # random horizontal flip
+    cutout: int = 0        # side of the square zeroed (after normalisation) at a random centre
+
+
+def _generator(*key: int) -> torch.Generator:
+    # hash() of a tuple of ints is stable across processes (no hash randomisation for ints).
+    return torch.Generator().manual_seed(hash(key) & 0x7FFF_FFFF_FFFF_FFFF)
+
+
+class TensorLoader:
+    """Batches of normalised float images from uint8 NCHW ``images`` and int64 ``labels``.
+
+    ``batch_size`` is the global batch; under DDP (``world_size`` > 1) each rank
+    takes ``batch_size // world_size`` samples of a shared permutation.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        batch_size: int,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        train: bool,
+        augment: Augment | None = None,
+        seed: int = 0,
+        drop_last: bool = False,
+        device: torch.device | str = "cpu",
+        channels_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError("TensorLoader wants uint8 images shaped N x C x H x W")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if batch_size > images.shape[0]:
+            raise ValueError(
+                f"batch_size={batch_size} is larger than the dataset ({images.shape[0]} samples)"
+            )
+        if batch_size % world_size:
+            raise ValueError(f"batch_size={batch_size} must divide evenly over {world_size} processes")
+        self.device = torch.device(device)
+        self.images = images.to(self.device)
+        self.labels = labels.to(self.device, torch.int64)
+        self.batch_size, self.train, self.seed = batch_size, train, seed
+        self.local_batch = batch_size // world_size
+        self.augment = augment if (train and augment is not None) else Augment()
+        self.drop_last, self.channels_last = drop_last, channels_last
+        self.rank, self.world_size = rank, world_size
+        c = images.shape[1]
+        self.mean = torch.tensor(mean, device=self.device).view(1, c, 1, 1) * 255
+        self.std = torch.tensor(std, device=self.device).view(1, c, 1, 1) * 255
+        pad = self.augment.crop_padding
+        if pad:  # pad once; each batch then gathers its crops from this
+            self.padded = torch.nn.functional.pad(self.images, (pad, pad, pad, pad))
+        self.num_samples = images.shape[0]
+
+    def _local_indices(self, epoch: int) -> torch.Tensor:
+        n = self.num_samples
+        if self.train:
+            order = torch.randperm(n, generator=_generator(self.seed, epoch))
+        else:
+            order = torch.arange(n)
+        if self.world_size > 1:
+            if self.train:  # equal shares so every rank runs the same number of steps
+                order = order[: n - n % self.world_size]
+            order = order[self.rank :: self.world_size]
+        return order
+
+    def __len__(self) -> int:
+        n = self._local_count()
+        return n // self.local_batch if self.drop_last else -(-n // self.local_batch)
+
+    def _local_count(self) -> int:
+        n = self.num_samples
+        if self.world_size == 1:
+            return n
+        if self.train:
+            return (n - n % self.world_size) // self.world_size
+        return len(range(self.rank, n, self.world_size))
+
+    def batches(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield (images, labels) on the device, from batch ``start`` of ``epoch``."""
+        order = self._local_indices(epoch)
+        for b in range(start, len(self)):
+            idx = order[b * self.local_batch : (b + 1) * self.local_batch].to(self.device)
+            yield self._make_batch(idx, epoch, b), self.labels[idx]
+
+    def __iter__(self):
+        return self.batches(0)
+
+    def _make_batch(self, idx: torch.Tensor, epoch: int, b: int) -> torch.Tensor:
+        aug, n = self.augment, idx.shape[0]
+        g = _generator(self.seed, epoch, b, self.rank, 1)
+        if aug.crop_padding:
+            h, w = self.images.shape[2:]
+            p = aug.crop_padding
+            dy = torch.randint(0, 2 * p + 1, (n,), generator=g).to(self.device)
+            dx = torch.randint(0, 2 * p + 1, (n,), generator=g).to(self.device)
+            rows = (dy[:, None] + torch.arange(h, device=self.device))[:, None, :, None]
+            cols = (dx[:, None] + torch.arange(w, device=self.device))[:, None, None, :]
+            chans = torch.arange(self.images.shape[1], device=self.device)[None, :, None, None]
+            x = self.padded[idx[:, None, None, None], chans, rows, cols]
+        else:
+            x = self.images[idx]
+        if aug.flip:
+            flip = (torch.rand(n, generator=g) < 0.5).to(self.device)[:, None, None, None]
+            x = torch.where(flip, x.flip(3), x)
+        x = (x.float() - self.mean) / self.std
+        if aug.cutout:
+            x = x * self._cutout_mask(n, x.shape[2], x.shape[3], aug.cutout, g)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def _cutout_mask(self, n: int, h: int, w: int, size: int, g: torch.Generator) -> torch.Tensor:
+        # Centre anywhere in the image, square clipped at the border (DeVries & Taylor, 2017).
+        cy = torch.randint(0, h, (n,), generator=g).to(self.device)[:, None, None]
+        cx = torch.randint(0, w, (n,), generator=g).to(self.device)[:, None, None]
+        ys = torch.arange(h, device=self.device)[None, :, None]
+        xs = torch.arange(w, device=self.device)[None, None, :]
+        lo, hi = -(size // 2), size - size // 2  # size 16: rows cy-8 .. cy+7
+        inside = ((ys - cy) >= lo) & ((ys - cy) < hi) & ((xs - cx) >= lo) & ((xs - cx) < hi)
+        return (~inside).unsqueeze(1).float()

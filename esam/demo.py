@@ -1,0 +1,57 @@
+"""`make demo`: SGD, SAM and ESAM on the embedded digits set, then a side-by-side table.
+
+    python -m esam.demo [hydra overrides applied to all three runs, e.g. trainer.epochs=5]
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+
+from esam.errors import UserError
+from esam.train import CONFIG_DIR, run
+
+METHODS = ("sgd", "sam", "esam")
+
+
+def demo(overrides: list[str], out_root: Path) -> list[dict]:
+    summaries = []
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        for method in METHODS:
+            cfg = compose("train", overrides=["experiment_name=demo", "trainer.epochs=10", "trainer.progress=false",
+                                              f"optimizer={method}", *overrides])
+            print(f"--- {method}: {cfg.dataset.name} / {cfg.model.name}, {cfg.trainer.epochs} epochs", flush=True)
+            summaries.append(run(cfg, out_root / method))
+    return summaries
+
+
+def format_table(summaries: list[dict]) -> str:
+    sgd = next((s for s in summaries if s["optimizer"] == "sgd"), None)
+    lines = ["| method | test acc % (final) | test acc % (best) | train img/s | extra time vs SGD |",
+             "|---|---:|---:|---:|---:|"]
+    for s in summaries:
+        extra = "" if sgd is None else f"{100.0 * (sgd['img_per_s'] / s['img_per_s'] - 1.0):+.0f}%"
+        lines.append(f"| {s['optimizer']} | {s['test_acc_final']:.2f} | {s['test_acc_best']:.2f} | "
+                     f"{s['img_per_s']:.0f} | {extra} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    overrides = list(sys.argv[1:] if argv is None else argv)
+    out_root = Path("outputs") / "demo" / time.strftime("%Y-%m-%d_%H-%M-%S")
+    try:
+        summaries = demo(overrides, out_root)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print()
+    print(format_table(summaries))
+    print(f"\nRun folders (summary.json, metrics.jsonl, checkpoints): {out_root}/<method>")
+    print("Timing on a 77k-parameter model is dominated by per-step overhead; "
+          "`make bench` measures the methods' cost on ResNet-18.")
+
+
+if __name__ == "__main__":
+    main()
