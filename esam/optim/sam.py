@@ -31,6 +31,10 @@ class SAM(SharpnessAwareOptimizer):
         if not rho >= 0.0:
             raise ValueError(f"rho must be >= 0, got rho={rho}")
         super().__init__(params, base_optimizer, model=model, seed=seed, **base_kwargs)
+        # In the defaults too, so that add_param_group() gives new groups rho and adaptive.
+        for d in (self.defaults, self.base_optimizer.defaults):
+            d.setdefault("rho", rho)
+            d.setdefault("adaptive", adaptive)
         for group in self.param_groups:
             group.setdefault("rho", rho)
             group.setdefault("adaptive", adaptive)
