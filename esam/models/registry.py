@@ -1,6 +1,7 @@
 """Name -> builder registry: ``build_model('resnet18', num_classes=10)``."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from torch import nn
@@ -9,13 +10,31 @@ ModelBuilder = Callable[..., nn.Module]
 MODELS: dict[str, ModelBuilder] = {}
 
 
-def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
-    """Decorator adding a builder ``fn(num_classes, in_channels, **kwargs) -> nn.Module``."""
+@dataclass(frozen=True)
+class NativeShape:
+    """The input (C, H, W) and class count a model was designed and published at."""
+
+    input_size: tuple[int, int, int] = (3, 32, 32)  # CIFAR
+    num_classes: int = 10
+
+
+# Used by the model table and the parameter-count tests; building never needs it.
+NATIVE_SHAPES: dict[str, NativeShape] = {}
+
+
+def register_model(
+    name: str, *, input_size: tuple[int, int, int] = (3, 32, 32), num_classes: int = 10
+) -> Callable[[ModelBuilder], ModelBuilder]:
+    """Decorator adding a builder ``fn(num_classes, in_channels, **kwargs) -> nn.Module``.
+
+    ``input_size`` and ``num_classes`` record the model's native setting (CIFAR by default).
+    """
 
     def add(fn: ModelBuilder) -> ModelBuilder:
         if name in MODELS:
             raise ValueError(f"model {name!r} is registered twice")
         MODELS[name] = fn
+        NATIVE_SHAPES[name] = NativeShape(tuple(input_size), num_classes)
         return fn
 
     return add

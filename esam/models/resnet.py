@@ -65,7 +65,7 @@ def resnet18(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     return CifarResNet([2, 2, 2, 2], [64, 128, 256, 512], num_classes, in_channels)
 
 
-@register_model("resnet_digits")
+@register_model("resnet_digits", input_size=(1, 8, 8))
 def resnet_digits(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
     """A small ResNet for 8x8 digits (8x8 -> 4x4 -> pooled): fast enough for CPU demos."""
     return CifarResNet([1, 1], [32, 64], num_classes, in_channels)
