@@ -1,6 +1,7 @@
 """Process-level plumbing the trainer needs: device, precision, distributed, seeds, atomic files."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -27,8 +28,29 @@ class DistInfo:
         return self.rank == 0
 
 
+def env_from_submitit() -> None:
+    """Under a multi-task submitit job (Slurm or local), export the variables torchrun would set.
+
+    Each task of ``tasks_per_node`` x ``nodes`` becomes one DDP rank; rank 0's host is the
+    rendezvous. A no-op outside submitit, with one task, or when torchrun already set them.
+    """
+    if not os.environ.get("SUBMITIT_EXECUTOR") or "WORLD_SIZE" in os.environ:
+        return
+    import submitit
+
+    env = submitit.JobEnvironment()
+    if env.num_tasks <= 1:
+        return
+    # A port per job, so array jobs sharing a node do not collide.
+    port = 20000 + int(hashlib.sha1(env.job_id.encode()).hexdigest(), 16) % 20000
+    os.environ.update(RANK=str(env.global_rank), LOCAL_RANK=str(env.local_rank),
+                      WORLD_SIZE=str(env.num_tasks), MASTER_ADDR=env.hostnames[0],
+                      MASTER_PORT=os.environ.get("MASTER_PORT", str(port)))
+
+
 def init_distributed(device_type: str) -> DistInfo:
-    """Join the process group torchrun describes in the environment (no-op without torchrun)."""
+    """Join the process group torchrun (or a multi-task submitit job) describes; no-op otherwise."""
+    env_from_submitit()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
@@ -108,14 +130,24 @@ def device_name(device: torch.device) -> str:
 
 
 # -- files that are either complete or absent ------------------------------------------
-def atomic_write_text(path: str | Path, text: str) -> None:
+def _atomic_write(path: str | Path, mode: str, write) -> None:
+    """Write to a temp file beside ``path``, then rename it over ``path``: readers see the old
+    file or the new one, never half of one; a failed write removes its temp file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    _atomic_write(path, "w", lambda f: f.write(text))
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
@@ -123,13 +155,7 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    _atomic_write(path, "wb", lambda f: torch.save(obj, f))
 
 
 CHECKPOINT_FORMAT = "esam-checkpoint-v1"

@@ -39,6 +39,8 @@ from esam.runtime import (CHECKPOINT_FORMAT, DistInfo, atomic_torch_save, atomic
                           seed_everything, set_rng_states, sync)
 
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
+# What a checkpoint's run and the resuming run must share (epochs, device, logging may differ).
+RESUME_MUST_MATCH = ("dataset.name", "model.arch", "model.args", "optimizer.name")
 
 
 class NonFiniteLossError(UserError):
@@ -58,6 +60,7 @@ class EpochAccumulator:
     timed_samples: int = 0
     timed_seconds: float = 0.0
     elapsed_before: float = 0.0  # epoch wall time spent before a mid-epoch resume
+    lr: float | None = None      # the epoch's lr as logged (the scheduler moves on within/after it)
 
     @classmethod
     def zeros(cls, device: torch.device) -> "EpochAccumulator":
@@ -138,7 +141,9 @@ class Trainer:
         opt_cfg = OmegaConf.to_container(self.cfg.optimizer, resolve=True)
         self.method = opt_cfg.pop("name")
         # SWP draws differ per rank (as in the authors' code) but are fixed by the run's seed.
-        swp_seed = hash((int(self.cfg.seed), self.dist.rank, "swp")) & 0x7FFF_FFFF
+        # Ints only: hash() of a str is salted per process (PYTHONHASHSEED), which made ESAM
+        # runs with the same seed differ from one process to the next.
+        swp_seed = hash((int(self.cfg.seed), self.dist.rank, 0x5E5)) & 0x7FFF_FFFF
         try:
             factory = instantiate(opt_cfg)
             return factory(self.model.parameters(), model=self.ddp_model, seed=swp_seed)
@@ -218,13 +223,32 @@ class Trainer:
         }
 
     def save_checkpoint(self, name: str = "last.pt") -> Path | None:
+        # Never overwrite the last good state with diverged weights (a finite loss can precede them).
+        if not bool(torch.stack([p.isfinite().all() for p in self.model.parameters()]).all()):
+            self._non_finite(f"weights after step {self.global_step}")
         if not self.dist.is_main:
             return None
         path = self.checkpoint_dir / name
         atomic_torch_save(self.state_dict(), path)
         return path
 
+    def _check_same_run(self, ckpt: dict[str, Any]) -> None:
+        """Refuse to continue a checkpoint of another dataset, model or method: some would load
+        without an error (e.g. SGD's state into SAM) and silently train something else."""
+        def dig(d: Any, key: str) -> Any:
+            for k in key.split("."):
+                d = d.get(k) if isinstance(d, dict) else None
+            return d
+
+        saved, now = ckpt.get("config"), OmegaConf.to_container(self.cfg, resolve=True)
+        for key in RESUME_MUST_MATCH if saved else ():
+            if dig(saved, key) != dig(now, key):
+                raise UserError(f"the checkpoint was trained with {key}={dig(saved, key)!r} but this run has "
+                                f"{key}={dig(now, key)!r}; resume with the same {key.split('.')[0]} "
+                                "or start a new run folder")
+
     def load_state(self, ckpt: dict[str, Any]) -> None:
+        self._check_same_run(ckpt)
         try:
             self.model.load_state_dict(ckpt["model"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -289,6 +313,8 @@ class Trainer:
             self._print(f"resumed from {resume_path} at epoch {self.epoch} step {self.step_in_epoch}")
         if self.dist.is_main:
             self._rewrite_metrics_file()
+            # summary.json marks a finished run; one left from an earlier run of this folder goes.
+            (self.run_dir / "summary.json").unlink(missing_ok=True)
         cfg_dict = OmegaConf.to_container(self.cfg, resolve=True)
         logger = build_logger(
             self.cfg.logger, name=self.cfg.name, group=self.cfg.experiment_name,
@@ -313,6 +339,8 @@ class Trainer:
                     self._chain_signal(previous)
                     sys.exit(128 + getattr(signal, self._stop_signal))
                 record.update(self.evaluate())
+                if not all(math.isfinite(record[k]) for k in ("train_loss", "test_loss")):
+                    self._non_finite(f"test loss after epoch {self.epoch + 1} (step {self.step_in_epoch})")
                 self.epoch += 1
                 self.step_in_epoch = 0
                 self.acc = None
@@ -347,17 +375,18 @@ class Trainer:
                 signal.signal(sig, handler)
             logger.finish(exit_code=exit_code)
 
-    @staticmethod
-    def _chain_signal(previous: dict) -> None:
-        """Hand the signal on (submitit's handler requeues the Slurm job) after our checkpoint."""
-        for sig, handler in previous.items():
-            if callable(handler) and handler not in (signal.default_int_handler,):
-                try:
-                    handler(sig, None)
-                except SystemExit:
-                    raise
-                except Exception:
-                    pass
+    def _chain_signal(self, previous: dict) -> None:
+        """Hand the signal we stopped on (only that one) to the handler it had before ours,
+        after our checkpoint: submitit's requeues the Slurm job."""
+        sig = getattr(signal, self._stop_signal)
+        handler = previous.get(sig)
+        if callable(handler) and handler is not signal.default_int_handler:
+            try:
+                handler(sig, None)
+            except SystemExit:
+                raise
+            except Exception:
+                pass
 
     def _closure_factory(self, x: torch.Tensor, y: torch.Tensor, keep: dict) -> Callable:
         model, dtype = self.ddp_model, self.autocast_dtype
@@ -379,8 +408,9 @@ class Trainer:
         tc = self.cfg.trainer
         if self.acc is None:
             self.acc = EpochAccumulator.zeros(self.device)
+            self.acc.lr = self.optimizer.param_groups[0]["lr"]
         acc = self.acc
-        lr = self.optimizer.param_groups[0]["lr"]
+        lr = acc.lr if acc.lr is not None else self.optimizer.param_groups[0]["lr"]
         t_epoch = time.perf_counter()
         start = self.step_in_epoch
         batches = self.data.train.batches(self.epoch, start)
@@ -410,7 +440,7 @@ class Trainer:
                 acc.timed_seconds += dt
             loss_sum = losses.double().sum()
             if self.scaler is None and not bool(torch.isfinite(loss_sum)):
-                self._non_finite(i)
+                self._non_finite(f"training loss at epoch {self.epoch + 1} step {i + 1}")
             acc.loss_sum += loss_sum
             acc.correct += (keep["logits"].argmax(1) == y).sum()
             acc.samples += n
@@ -428,11 +458,12 @@ class Trainer:
             bar.close()
         return self._epoch_record(acc, lr, acc.elapsed_before + time.perf_counter() - t_epoch)
 
-    def _non_finite(self, step: int) -> None:
-        raise NonFiniteLossError(
-            f"non-finite training loss at epoch {self.epoch + 1} step {step + 1}; the run stops here and "
-            f"the last good state is in {self.checkpoint_dir / 'last.pt'} (lower the lr or rho, or use fp32)"
-        )
+    def _non_finite(self, where: str) -> None:
+        last = self.checkpoint_dir / "last.pt"
+        kept = (f"the last good state is in {last}" if last.is_file()
+                else "no checkpoint was saved (trainer.checkpoint_every=0)")
+        hint = "lower the lr or rho" + (", or use fp32" if self.precision != "fp32" else "")
+        raise NonFiniteLossError(f"non-finite {where}; the run stops here and {kept} ({hint})")
 
     def _epoch_record(self, acc: EpochAccumulator, lr: float, epoch_time: float) -> dict[str, Any]:
         sums = torch.stack([acc.loss_sum, acc.correct.double(), torch.tensor(float(acc.samples), device=self.device, dtype=torch.float64)])
