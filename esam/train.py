@@ -76,7 +76,7 @@ def main(cfg: DictConfig) -> float | None:
         sys.exit(2)
     if int(os.environ.get("RANK", "0")) == 0:  # one line per run, not one per DDP rank
         print(f"done: test acc {summary['test_acc_final']:.2f}% (best {summary['test_acc_best']:.2f}%), "
-              f"{summary['img_per_s']:.0f} train img/s, run folder {run_dir}", flush=True)
+              f"{summary['img_per_s'] or float('nan'):.0f} train img/s, run folder {run_dir}", flush=True)
     return summary["test_acc_best"]  # for Hydra sweepers that optimise a value
 
 

@@ -292,12 +292,16 @@ class Trainer:
                 previous[sig] = signal.signal(sig, request_stop)
         return previous
 
-    def _should_stop(self) -> bool:
+    def _should_stop(self, non_finite: bool = False) -> bool:
+        """True if a stop signal arrived; under DDP every rank asks every step (one all-reduce,
+        which also carries a non-finite loss flag) so that all stop at the same step."""
         flag = self._stop_signal is not None
-        if self.dist.world_size > 1:  # every rank asks every step, so all stop at the same one
-            t = torch.tensor([int(flag)], device=self.device if self.device.type == "cuda" else "cpu")
+        self._non_finite_anywhere = non_finite
+        if self.dist.world_size > 1:
+            t = torch.tensor([int(flag), int(non_finite)],
+                             device=self.device if self.device.type == "cuda" else "cpu")
             dist.all_reduce(t)
-            flag = bool(t.item())
+            flag, self._non_finite_anywhere = bool(t[0].item()), bool(t[1].item())
             if flag and self._stop_signal is None:
                 self._stop_signal = "SIGTERM"  # another rank got it
         return flag
@@ -439,7 +443,9 @@ class Trainer:
                 acc.timed_samples += n
                 acc.timed_seconds += dt
             loss_sum = losses.double().sum()
-            if self.scaler is None and not bool(torch.isfinite(loss_sum)):
+            bad = self.scaler is None and not bool(torch.isfinite(loss_sum))
+            stop = self._should_stop(non_finite=bad)
+            if self._non_finite_anywhere:  # every rank raises at the same step: no rank hangs
                 self._non_finite(f"training loss at epoch {self.epoch + 1} step {i + 1}")
             acc.loss_sum += loss_sum
             acc.correct += (keep["logits"].argmax(1) == y).sum()
@@ -449,7 +455,7 @@ class Trainer:
                 acc.stats[k] = acc.stats.get(k, 0.0) + (v.detach().double() if torch.is_tensor(v) else v)
             if bar is not None:
                 bar.update(1)
-            if self._should_stop():
+            if stop:
                 acc.elapsed_before += time.perf_counter() - t_epoch
                 if bar is not None:
                     bar.close()
@@ -479,9 +485,9 @@ class Trainer:
             "epoch_time_s": epoch_time,
             "train_steps": acc.steps,
             "train_img_per_s": (acc.timed_samples * self.dist.world_size / acc.timed_seconds
-                                if acc.timed_seconds > 0 else float("nan")),
-            "epoch_img_per_s": images / epoch_time if epoch_time > 0 else float("nan"),
-            "step_ms": 1000.0 * acc.timed_seconds / acc.timed_steps if acc.timed_steps else float("nan"),
+                                if acc.timed_seconds > 0 else None),
+            "epoch_img_per_s": images / epoch_time if epoch_time > 0 else None,
+            "step_ms": 1000.0 * acc.timed_seconds / acc.timed_steps if acc.timed_steps else None,
             "timed_steps": acc.timed_steps,
             "timed_seconds": acc.timed_seconds,
         }
@@ -553,8 +559,8 @@ class Trainer:
             "train_loss_final": h[-1]["train_loss"],
             "train_time_s": self.train_time_before + self._elapsed(),
             "train_step_time_s": timed_s,
-            "img_per_s": sum(imgs) / len(imgs) if imgs else float("nan"),
-            "step_ms": 1000.0 * timed_s / timed_steps if timed_steps else float("nan"),
+            "img_per_s": sum(imgs) / len(imgs) if imgs else None,  # JSON null, not NaN
+            "step_ms": 1000.0 * timed_s / timed_steps if timed_steps else None,
             "batch_size": self.cfg.dataset.batch_size,
             "rho": opt_cfg.get("rho"), "beta": opt_cfg.get("beta"), "gamma": opt_cfg.get("gamma"),
             "num_params": self.num_params,
@@ -582,4 +588,4 @@ class Trainer:
         return (f"epoch {r['epoch']:>3}/{self.cfg.trainer.epochs}  lr {r['lr']:.4f}  "
                 f"train loss {r['train_loss']:.4f} acc {r['train_acc']:.2f}  "
                 f"test loss {r['test_loss']:.4f} acc {r['test_acc']:.2f} top5 {r['test_acc5']:.2f}  "
-                f"{r['train_img_per_s']:.0f} img/s  {r['epoch_time_s']:.1f}s{extra}")
+                f"{r['train_img_per_s'] or float('nan'):.0f} img/s  {r['epoch_time_s']:.1f}s{extra}")
