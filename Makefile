@@ -28,3 +28,40 @@ test: install ## The whole test suite, slow tests included (what CI runs)
 
 test-fast: install ## The test suite without tests marked slow
 	$(PYTHON) -m pytest -q -m "not slow" $(ARGS)
+
+# -- Paper recipes, sweeps and the report ----------------------------------------------------
+# make cifar10-esam MODEL=wrn28_10 SEEDS=0,1,2 ARGS='hydra/launcher=slurm hydra.launcher.partition=gpu'
+MODEL ?=
+SEEDS ?= 0
+RUNS ?= $(wildcard outputs multirun)
+OUT ?= results/table
+comma := ,
+MULTIRUN = $(if $(findstring $(comma),$(SEEDS)),-m,)
+STAMP_NOW := $(shell date +%Y-%m-%d_%H-%M-%S)
+DIGITS_DIR ?= multirun/digits/$(STAMP_NOW)
+.PHONY: sweep sweep-digits sweep-ablation table reproduce-digits
+
+cifar10-%: install ## Paper recipe, %=sgd|sam|esam; MODEL=resnet18 (default)|wrn28_10|pyramidnet110, SEEDS=0,1,2, ARGS=overrides
+	$(PYTHON) -m esam.train $(MULTIRUN) experiment=cifar10_$(or $(MODEL),resnet18)_$* seed=$(SEEDS) $(ARGS)
+
+cifar100-%: install ## The same on CIFAR-100 (cifar100-sgd|sam|esam)
+	$(PYTHON) -m esam.train $(MULTIRUN) experiment=cifar100_$(or $(MODEL),resnet18)_$* seed=$(SEEDS) $(ARGS)
+
+imagenet-%: install ## ImageNet recipe, %=sgd|sam|esam; MODEL=resnet50 (default)|resnet101, ARGS='dataset.root=/data/imagenet'
+	$(PYTHON) -m esam.train $(MULTIRUN) experiment=imagenet_$(or $(MODEL),resnet50)_$* seed=$(SEEDS) $(ARGS)
+
+sweep: install ## The paper's CIFAR grid, 54 runs (conf/sweep/paper.yaml); ARGS='hydra/launcher=slurm ...'
+	$(PYTHON) -m esam.train -m +sweep=paper $(ARGS)
+
+sweep-digits: install ## SGD/SAM/ESAM x seeds 0,1,2 on digits, CPU, a few minutes (conf/sweep/digits.yaml)
+	$(PYTHON) -m esam.train -m +sweep=digits $(ARGS)
+
+sweep-ablation: install ## ESAM beta x gamma grid on CIFAR-10 ResNet-18 (conf/sweep/esam_ablation.yaml)
+	$(PYTHON) -m esam.train -m +sweep=esam_ablation $(ARGS)
+
+table: install ## Report of every run below RUNS (default: outputs multirun) into OUT (default: results/table)
+	$(PYTHON) -m esam.report $(RUNS) --out $(OUT)
+
+reproduce-digits: install ## The CPU reproduction in results/digits: digits sweep, then its report
+	$(PYTHON) -m esam.train -m +sweep=digits hydra.sweep.dir=$(DIGITS_DIR) $(ARGS)
+	$(PYTHON) -m esam.report $(DIGITS_DIR) --out results/digits

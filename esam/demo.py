@@ -11,6 +11,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 
 from esam.errors import UserError
+from esam.report import markdown_table, runs_frame, summarize
 from esam.train import CONFIG_DIR, run
 
 METHODS = ("sgd", "sam", "esam")
@@ -28,14 +29,8 @@ def demo(overrides: list[str], out_root: Path) -> list[dict]:
 
 
 def format_table(summaries: list[dict]) -> str:
-    sgd = next((s for s in summaries if s["optimizer"] == "sgd"), None)
-    lines = ["| method | test acc % (final) | test acc % (best) | train img/s | extra time vs SGD |",
-             "|---|---:|---:|---:|---:|"]
-    for s in summaries:
-        extra = "" if sgd is None else f"{100.0 * (sgd['img_per_s'] / s['img_per_s'] - 1.0):+.0f}%"
-        lines.append(f"| {s['optimizer']} | {s['test_acc_final']:.2f} | {s['test_acc_best']:.2f} | "
-                     f"{s['img_per_s']:.0f} | {extra} |")
-    return "\n".join(lines)
+    """The same table `python -m esam.report` writes, for these runs (one seed each)."""
+    return markdown_table(summarize(runs_frame(summaries)))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -49,6 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(format_table(summaries))
     print(f"\nRun folders (summary.json, metrics.jsonl, checkpoints): {out_root}/<method>")
+    print(f"Plots and CSV: python -m esam.report {out_root} --out <folder>")
     print("Timing on a 77k-parameter model is dominated by per-step overhead; "
           "`make bench` measures the methods' cost on ResNet-18.")
 

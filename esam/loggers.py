@@ -11,9 +11,14 @@ from typing import Any
 from esam.errors import UserError
 
 PREFIXES = ("train", "test", "perf", "sam", "time")
+# Keys without a prefix of their own; esam.report and the dashboard read these names.
+RENAMED = {"img_per_s": "perf/img_per_s", "step_ms": "perf/step_ms"}
 
 
 def wandb_key(key: str) -> str:
+    """``test_acc_best`` -> ``test/acc_best``, ``img_per_s`` -> ``perf/img_per_s``."""
+    if key in RENAMED:
+        return RENAMED[key]
     head, _, tail = key.partition("_")
     return f"{head}/{tail}" if head in PREFIXES and tail else key
 

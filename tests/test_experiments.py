@@ -1,0 +1,121 @@
+"""The paper recipes (conf/experiment), the sweep grids (conf/sweep) and the launchers compose with
+the values the paper and the authors' run.sh use; the Makefile targets name existing recipes."""
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from esam.train import CONFIG_DIR
+from conftest import REPO, compose_cfg
+
+EXPERIMENTS = Path(CONFIG_DIR) / "experiment"
+METHODS = ("sgd", "sam", "esam")
+# Du et al. (ICLR 2022) and dydjw9/Efficient_SAM run.sh; batch = the global batch.
+RECIPES = {
+    "resnet18": dict(batch=128, lr=0.05, wd=1e-3, rho=0.05, beta=0.6, gamma=0.5, epochs=200),
+    "wrn28_10": dict(batch=256, lr=0.05, wd=1e-3, rho=0.1, beta=0.5, gamma=0.5, epochs=200),
+    "pyramidnet110": dict(batch=256, lr=0.05, wd=5e-4, rho=0.2, beta=0.5, gamma=0.5, epochs=300),
+    "resnet50": dict(batch=256, lr=0.1, wd=1e-4, rho=0.05, beta=0.6, gamma=0.5, epochs=90),
+    "resnet101": dict(batch=256, lr=0.1, wd=1e-4, rho=0.05, beta=0.6, gamma=0.5, epochs=90),
+}
+GRID = ([(ds, m) for ds in ("cifar10", "cifar100") for m in ("resnet18", "wrn28_10", "pyramidnet110")]
+        + [("imagenet", m) for m in ("resnet50", "resnet101")])
+NAMES = [f"{ds}_{m}_{opt}" for ds, m in GRID for opt in METHODS]
+
+
+def test_the_folder_holds_exactly_the_paper_grid():
+    assert sorted(p.stem for p in EXPERIMENTS.glob("*.yaml")) == sorted(NAMES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_recipe_composes_with_the_paper_values(name):
+    ds, _, rest = name.partition("_")
+    model, _, method = rest.rpartition("_")
+    r = RECIPES[model]
+    text = (EXPERIMENTS / f"{name}.yaml").read_text()
+    assert text.startswith("# @package _global_\n")
+    cfg = compose_cfg([f"experiment={name}"])
+
+    assert (cfg.dataset.name, cfg.model.arch, cfg.optimizer.name) == (ds, model, method)
+    assert cfg.experiment_name == f"{ds}_{model}"  # one wandb group for the three methods
+    assert cfg.dataset.batch_size == r["batch"]
+    assert cfg.trainer.epochs == r["epochs"]
+    o = cfg.optimizer
+    assert (o.base_optimizer, o.lr, o.weight_decay, o.momentum, o.nesterov) == ("sgd", r["lr"], r["wd"], 0.9, False)
+    if method == "sgd":
+        assert "rho" not in o
+    else:
+        assert o.rho == r["rho"] and not o.adaptive
+    if method == "esam":
+        assert (o.beta, o.gamma) == (r["beta"], r["gamma"])
+    t = cfg.trainer
+    assert (str(t.scheduler.value), str(t.schedule_per.value), t.warmup_epochs, t.label_smoothing) == \
+        ("cosine", "epoch", 0, 0.0)
+    aug = cfg.dataset.augment
+    if ds == "imagenet":
+        assert aug.cutout == 0 and aug.flip
+    else:
+        assert (aug.crop_padding, aug.flip, aug.cutout) == (4, True, 16)
+
+
+@pytest.mark.parametrize("name", ["cifar10_resnet18_esam", "imagenet_resnet50_sam", "cifar100_pyramidnet110_sgd"])
+def test_recipe_builds_one_group_with_weight_decay_on_every_parameter(name):
+    cfg = compose_cfg([f"experiment={name}"])
+    opt_cfg = dict(cfg.optimizer)
+    opt_cfg.pop("name")
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    opt = instantiate(opt_cfg)(model.parameters())
+    groups = opt.param_groups
+    assert len(groups) == 1 and len(groups[0]["params"]) == len(list(model.parameters()))
+    assert groups[0]["weight_decay"] == cfg.optimizer.weight_decay and groups[0]["nesterov"] is False
+
+
+def compose_with_hydra(overrides: list[str]):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose("train", overrides=overrides, return_hydra_config=True)
+
+
+@pytest.mark.parametrize("sweep,params", [
+    ("digits", {"optimizer": "sgd,sam,esam", "seed": "0,1,2"}),
+    ("paper", {"experiment": "glob(cifar*)", "seed": "0,1,2"}),
+    ("paper_imagenet", {"experiment": "glob(imagenet*)", "seed": "0"}),
+    ("esam_ablation", {"experiment": "cifar10_resnet18_esam", "optimizer.beta": "0.4,0.5,0.6,0.8,1.0",
+                       "optimizer.gamma": "0.3,0.5,0.7,1.0", "seed": "0"}),
+])
+def test_sweep_files_hold_their_grid(sweep, params):
+    cfg = compose_with_hydra([f"+sweep={sweep}"])
+    assert dict(cfg.hydra.sweeper.params) == params
+
+
+def test_digits_sweep_is_cpu_sized():
+    cfg = compose_with_hydra(["+sweep=digits"])
+    assert cfg.dataset.name == "digits" and cfg.experiment_name == "digits"
+    assert str(cfg.trainer.precision.value) == "fp32" and cfg.trainer.epochs <= 50
+
+
+@pytest.mark.parametrize("launcher,target", [("slurm", "SlurmLauncher"), ("local", "LocalLauncher")])
+def test_launchers_compose(launcher, target):
+    h = compose_with_hydra([f"hydra/launcher={launcher}"]).hydra.launcher
+    assert h._target_.endswith(target)
+    for key in ("timeout_min", "gpus_per_node", "tasks_per_node", "cpus_per_task", "mem_gb"):
+        assert key in h
+    if launcher == "slurm":
+        assert "partition" in h and h.max_num_timeout > 0 and h.signal_delay_s >= 60
+
+
+@pytest.mark.parametrize("target,model,experiment", [
+    (f"{ds}-{opt}", m, f"{ds}_{m}_{opt}") for ds, m in GRID for opt in METHODS
+] + [("cifar10-sam", "", "cifar10_resnet18_sam"), ("imagenet-esam", "", "imagenet_resnet50_esam")])
+def test_make_targets_name_existing_recipes(target, model, experiment):
+    out = subprocess.run(["make", "-n", "-o", "install", target, f"MODEL={model}", "SEEDS=0,1,2"],
+                         cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    line = out.stdout.strip().splitlines()[-1]
+    assert re.search(rf"esam\.train -m experiment={experiment} seed=0,1,2", line), line
+    assert (EXPERIMENTS / f"{experiment}.yaml").is_file()

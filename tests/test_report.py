@@ -1,0 +1,205 @@
+"""esam.report: hand-written summaries give exact means, stds and SGD ratios; a real multirun gives
+the right rows; wandb runs convert to the same rows (fake API objects, no network)."""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from esam.errors import UserError
+from esam.loggers import wandb_key
+from esam.report import (PAPER, load_runs, load_wandb, markdown_table, push_extra_vs_sgd, row_from_wandb,
+                         summarize, write_report)
+from esam.train import run
+from conftest import FAST, compose_cfg, run_cli
+
+GPU = {"device": "cuda", "device_name": "NVIDIA A100", "world_size": 1, "precision": "bf16", "num_threads": 8}
+
+
+def summary(dataset: str, model: str, optimizer: str, seed: int, best: float, final: float, img_s: float,
+            **extra) -> dict:
+    hyper = {"sgd": {}, "sam": {"rho": 0.05}, "esam": {"rho": 0.05, "beta": 0.6, "gamma": 0.5}}[optimizer]
+    return {"status": "completed", "dataset": dataset, "model": model, "optimizer": optimizer, "seed": seed,
+            "epochs": 200, "batch_size": 128, "test_acc_best": best, "test_acc_final": final, "img_per_s": img_s,
+            "rho": None, "beta": None, "gamma": None, "experiment": f"{dataset}_{model}", **GPU, **hyper, **extra}
+
+
+def write_run(folder: Path, s: dict, accs: list[float] | None = None) -> None:
+    folder.mkdir(parents=True)
+    (folder / "summary.json").write_text(json.dumps(s))
+    accs = accs or [s["test_acc_final"]]
+    (folder / "metrics.jsonl").write_text("".join(
+        json.dumps({"epoch": i + 1, "test_acc": a, "train_loss": 1.0 / (i + 1)}) + "\n" for i, a in enumerate(accs)))
+
+
+@pytest.fixture
+def hand_written(tmp_path: Path) -> Path:
+    """CIFAR-10 ResNet-18: 3 seeds of SGD, SAM and ESAM; 1 synthetic ESAM run (no SGD to compare)."""
+    root = tmp_path / "runs"
+    table = {
+        "sgd": ([95.0, 95.5, 96.0], [94.9, 95.4, 95.9], [1000.0, 1000.0, 1000.0]),
+        "sam": ([96.0, 96.5, 97.0], [96.0, 96.4, 96.8], [500.0, 500.0, 500.0]),
+        "esam": ([96.2, 96.6, 97.0], [96.1, 96.5, 96.9], [500.0, 1000.0, 1000.0]),
+    }
+    for method, (best, final, img) in table.items():
+        for seed in range(3):
+            # Nested like a multirun folder, to check the search is recursive.
+            write_run(root / "multirun" / method / f"{seed}-run", summary("cifar10", "resnet18", method, seed,
+                                                                          best[seed], final[seed], img[seed]),
+                      accs=[50.0 + seed, best[seed], final[seed]])
+    write_run(root / "synthetic", summary("synthetic", "resnet18", "esam", 0, 10.0, 9.0, 300.0,
+                                          device="cpu", device_name="x86_64", precision="fp32", num_threads=2))
+    return root
+
+
+def test_hand_written_summaries_give_exact_table(hand_written, tmp_path):
+    runs, curves = load_runs([hand_written])
+    assert len(runs) == 10 and len(curves) == 9 * 3 + 1
+    t = summarize(runs).set_index(["dataset", "optimizer"])
+    sgd, sam, esam = t.loc[("cifar10", "sgd")], t.loc[("cifar10", "sam")], t.loc[("cifar10", "esam")]
+    assert (sgd.n, sgd.seeds) == (3, "0,1,2")
+    assert sgd.acc_best_mean == pytest.approx(95.5) and sgd.acc_best_std == pytest.approx(0.5)  # ddof=1
+    assert sgd.acc_final_mean == pytest.approx(95.4) and sgd.acc_final_std == pytest.approx(0.5)
+    assert sam.acc_final_std == pytest.approx(0.4)
+    assert sgd.compute_vs_sgd_pct == pytest.approx(100.0) and sam.compute_vs_sgd_pct == pytest.approx(200.0)
+    # Time per image is averaged, not images/s: (2 + 1 + 1) / 3 ms per 1000 images vs SGD's 1.
+    assert esam.compute_vs_sgd_pct == pytest.approx(400.0 / 3)
+    assert esam.img_per_s_mean == pytest.approx(2500.0 / 3)
+    assert (esam.rho, esam.beta, esam.gamma) == (0.05, 0.6, 0.5) and math.isnan(sgd.rho)
+    assert sgd.paper_acc == PAPER[("cifar10", "resnet18", "sgd")].acc
+    syn = t.loc[("synthetic", "esam")]
+    assert syn.n == 1 and math.isnan(syn.acc_best_std) and math.isnan(syn.compute_vs_sgd_pct)
+    assert syn.hardware == "x86_64, fp32, 2 thr"
+
+    files = write_report(runs, curves, tmp_path / "out", command="python -m esam.report runs")
+    md = files["md"].read_text()
+    assert "| cifar10 | resnet18 | NVIDIA A100, bf16 | SGD |  |  |  | 128 | 200 | 3 | 95.50 ± 0.50 | 95.40 ± 0.50 | 1000 ± 0 | 100% | 95.41 |" in md
+    assert "| SAM | 0.05 |  |  | 128 | 200 | 3 | 96.50 ± 0.50 | 96.40 ± 0.40 | 500 ± 0 | 200% | 96.52 |" in md
+    assert "| synthetic | resnet18 | x86_64, fp32, 2 thr | ESAM | 0.05 | 0.6 | 0.5 | 128 | 200 | 1 | 10.00 | 9.00 | 300 |  |  |" in md
+    assert "Du et al. 2022, Table 1" in md and "python -m esam.report runs" in md
+    # Method order within a block: SGD, SAM, ESAM.
+    assert md.index("| SGD |") < md.index("| SAM |") < md.index("| ESAM | 0.05 | 0.6 | 0.5 | 128 | 200 | 3")
+    csv = pd.read_csv(files["csv"])
+    assert len(csv) == 4 and set(csv.optimizer) == {"sgd", "sam", "esam"}
+    per_run = pd.read_csv(files["runs"])
+    assert len(per_run) == 10
+    assert per_run[per_run.optimizer == "sam"].extra_vs_sgd_pct.tolist() == pytest.approx([100.0] * 3)
+    for png in ("acc_vs_throughput", "curves"):
+        assert files[png].stat().st_size > 1000
+
+
+def test_seeds_of_different_settings_are_not_pooled(tmp_path):
+    for seed, beta in ((0, 0.6), (1, 0.6), (2, 0.8)):
+        s = summary("digits", "resnet_digits", "esam", seed, 90.0 + seed, 90.0, 100.0)
+        s["beta"] = beta
+        write_run(tmp_path / f"r{seed}", s)
+    t = summarize(load_runs([tmp_path])[0])
+    assert sorted(zip(t.beta, t.n)) == [(0.6, 2), (0.8, 1)]
+
+
+def test_multirun_of_two_methods_and_two_seeds(tmp_path):
+    sweep = tmp_path / "multirun"
+    proc = run_cli(["-m", "optimizer=sgd,esam", "seed=0,1", "trainer=debug", *FAST, "trainer.num_threads=1",
+                    f"hydra.sweep.dir={sweep}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # A synthetic (CIFAR-shaped) run in the same report: its own row, no SGD to compare with.
+    syn = ["dataset=synthetic", "dataset.num_train=128", "dataset.num_test=64", "dataset.image_size=8",
+           "model=resnet_digits", "optimizer=sam", "trainer=debug", *FAST]
+    run(compose_cfg(syn), tmp_path / "synthetic")
+    out = tmp_path / "report"
+    proc = run_cli([str(sweep), str(tmp_path / "synthetic"), "--out", str(out)], module="esam.report")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| digits | resnet_digits |" in proc.stdout and "| synthetic | resnet_digits |" in proc.stdout
+
+    table = pd.read_csv(out / "table.csv")
+    assert [(r.dataset, r.optimizer, r.n) for r in table.itertuples()] == [
+        ("digits", "sgd", 2), ("digits", "esam", 2), ("synthetic", "sam", 1)]
+    for method in ("sgd", "esam"):
+        accs = [json.loads(p.read_text())["test_acc_best"] for p in sweep.glob(f"*-{method}-seed*/summary.json")]
+        assert len(accs) == 2
+        row = table[(table.dataset == "digits") & (table.optimizer == method)].iloc[0]
+        assert row.acc_best_mean == pytest.approx(statistics.mean(accs))
+        assert row.acc_best_std == pytest.approx(statistics.stdev(accs), abs=1e-6)
+    assert table[table.optimizer == "sgd"].compute_vs_sgd_pct.item() == pytest.approx(100.0)
+    assert (out / "acc_vs_throughput.png").is_file() and (out / "curves.png").is_file()
+
+
+def test_missing_or_empty_folders_fail_with_one_sentence(tmp_path):
+    proc = run_cli([str(tmp_path / "nope")], module="esam.report")
+    assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+    with pytest.raises(UserError, match="no summary.json"):
+        load_runs([tmp_path])
+
+
+# -- wandb, with stand-ins for wandb.Api() objects ----------------------------------------------
+class FakeSummary(dict):
+    def update(self, values=None):  # the public API persists on update()
+        super().update(values or {})
+        self.pushed = dict(values or {})
+
+
+class FakeRun:
+    def __init__(self, run_id: str, summary: dict, config: dict, history: list[dict] | None = None):
+        self.id, self.path = run_id, ["ent", "proj", run_id]
+        self.summary, self.config, self._history = FakeSummary(summary), config, history or []
+
+    def history(self, keys=None, pandas=True):
+        return [{k: h[k] for k in h if keys is None or k in keys} for h in self._history]
+
+
+class FakeApi:
+    def __init__(self, runs):
+        self._runs, self.calls = runs, []
+
+    def runs(self, path, filters=None):
+        self.calls.append((path, filters))
+        return self._runs
+
+
+def logged_run(run_id: str, optimizer: str, seed: int, acc: float, img_s: float) -> FakeRun:
+    """What esam.loggers leaves in wandb: prefixed summary keys, the resolved config, epoch history."""
+    s = summary("cifar10", "resnet18", optimizer, seed, acc, acc - 0.1, img_s)
+    wb_summary = {wandb_key(k): v for k, v in s.items() if isinstance(v, (int, float, str))}
+    config = {"seed": seed, "experiment_name": "cifar10_resnet18",
+              "dataset": {"name": "cifar10", "batch_size": 128},
+              "model": {"name": "resnet18"}, "optimizer": {"name": optimizer}, "trainer": {"epochs": 200}}
+    history = [{"epoch": 1, "test/acc": acc - 5, "train/loss": 1.0, "_step": 0},
+               {"epoch": 2, "test/acc": acc, "train/loss": 0.5, "_step": 1}]
+    return FakeRun(run_id, wb_summary, config, history)
+
+
+def test_logger_uses_the_names_report_and_dashboard_read():
+    assert wandb_key("test_acc_best") == "test/acc_best"
+    assert wandb_key("img_per_s") == "perf/img_per_s"
+    assert wandb_key("train_loss") == "train/loss"
+
+
+def test_wandb_runs_convert_to_the_same_rows():
+    runs = [logged_run("a", "sgd", 0, 95.0, 1000.0), logged_run("b", "sgd", 1, 96.0, 1000.0),
+            logged_run("c", "sam", 0, 96.5, 500.0)]
+    # Older runs: bare img_per_s, fields only in the config in the raw {"value": ...} form.
+    old = FakeRun("d", {"test/acc_best": 97.0, "img_per_s": 500.0, "precision": "bf16", **GPU},
+                  {"dataset": {"value": {"name": "cifar10", "batch_size": 128}}, "model": {"value": {"name": "resnet18"}},
+                   "optimizer": {"value": {"name": "sam", "rho": 0.05}}, "seed": {"value": 1},
+                   "trainer": {"value": {"epochs": 200}}})
+    junk = FakeRun("e", {"loss": 1.0}, {})  # not a run of this benchmark
+    api = FakeApi(runs + [old, junk])
+    frame, curves, kept = load_wandb("ent/proj", group="cifar10_resnet18", api=api)
+    assert api.calls == [("ent/proj", {"state": "finished", "jobType": "train", "group": "cifar10_resnet18"})]
+    assert [r.id for r in kept] == ["a", "b", "c", "d"]
+    assert row_from_wandb(junk) is None
+    assert frame.source.tolist()[0] == "wandb:ent/proj/a"
+    t = summarize(frame).set_index("optimizer")
+    assert t.loc["sgd"].n == 2 and t.loc["sgd"].acc_best_mean == pytest.approx(95.5)
+    assert t.loc["sgd"].acc_best_std == pytest.approx(statistics.stdev([95.0, 96.0]))
+    assert t.loc["sam"].n == 2 and t.loc["sam"].compute_vs_sgd_pct == pytest.approx(200.0)
+    assert len(curves) == 3 * 2 and set(curves.epoch) == {1, 2}  # the old run has no history
+    assert "| SAM | 0.05 |" in markdown_table(summarize(frame))
+
+    assert push_extra_vs_sgd(kept, frame) == 4
+    assert runs[2].summary.pushed == {"perf/extra_vs_sgd_pct": pytest.approx(100.0)}
+    assert runs[0].summary["perf/extra_vs_sgd_pct"] == pytest.approx(0.0)
