@@ -284,7 +284,10 @@ class Trainer:
         previous = {}
 
         def request_stop(signum, frame):
-            self._stop_signal = signal.Signals(signum).name
+            # Keep the first: under Slurm pre-emption USR1 (requeue) may be followed by SIGTERM,
+            # and it is USR1's handler (submitit's requeue) that must be chained after saving.
+            if self._stop_signal is None:
+                self._stop_signal = signal.Signals(signum).name
 
         for name in STOP_SIGNALS:
             if hasattr(signal, name):
