@@ -35,6 +35,7 @@ class AugmentConfig:
     crop_padding: int = 0
     flip: bool = False
     cutout: int = 0
+    cutout_prob: float = 1.0     # chance that an image gets its Cutout square
 
 
 @dataclass

@@ -157,3 +157,12 @@ def test_channels_last_batches():
     data = build_data("synthetic", num_train=32, num_test=8, batch_size=8, test_batch_size=8, channels_last=True)
     x, _ = next(data.train.batches(0))
     assert x.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_cutout_prob_cuts_that_fraction_of_images():
+    kw = dict(num_train=1000, num_test=8, batch_size=1000, test_batch_size=8, seed=0)
+    half = build_data("synthetic", augment={"cutout": 16, "cutout_prob": 0.5}, **kw)
+    every = build_data("synthetic", augment={"cutout": 16}, **kw)
+    cut = lambda loader: (next(loader.batches(0))[0] == 0).flatten(1).any(1).float().mean().item()  # noqa: E731
+    assert cut(every.train) == 1.0
+    assert 0.4 < cut(half.train) < 0.6

@@ -21,6 +21,7 @@ class Augment:
     crop_padding: int = 0  # random crop back to the input size after zero-padding by this much
     flip: bool = False     # random horizontal flip
     cutout: int = 0        # side of the square zeroed (after normalisation) at a random centre
+    cutout_prob: float = 1.0  # chance per image (DeVries & Taylor: 1; davda54/sam's Cutout(): 0.5)
 
 
 def _generator(*key: int) -> torch.Generator:
@@ -130,13 +131,13 @@ class TensorLoader:
             flip = (torch.rand(n, generator=g) < 0.5).to(self.device)[:, None, None, None]
             x = torch.where(flip, x.flip(3), x)
         x = (x.float() - self.mean) / self.std
-        if aug.cutout:
-            x = x * self._cutout_mask(n, x.shape[2], x.shape[3], aug.cutout, g)
+        if aug.cutout and aug.cutout_prob > 0:
+            x = x * self._cutout_mask(n, x.shape[2], x.shape[3], aug.cutout, aug.cutout_prob, g)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
-    def _cutout_mask(self, n: int, h: int, w: int, size: int, g: torch.Generator) -> torch.Tensor:
+    def _cutout_mask(self, n: int, h: int, w: int, size: int, prob: float, g: torch.Generator) -> torch.Tensor:
         # Centre anywhere in the image, square clipped at the border (DeVries & Taylor, 2017).
         cy = torch.randint(0, h, (n,), generator=g).to(self.device)[:, None, None]
         cx = torch.randint(0, w, (n,), generator=g).to(self.device)[:, None, None]
@@ -144,4 +145,6 @@ class TensorLoader:
         xs = torch.arange(w, device=self.device)[None, None, :]
         lo, hi = -(size // 2), size - size // 2  # size 16: rows cy-8 .. cy+7
         inside = ((ys - cy) >= lo) & ((ys - cy) < hi) & ((xs - cx) >= lo) & ((xs - cx) < hi)
+        if prob < 1:
+            inside &= (torch.rand(n, generator=g) < prob).to(self.device)[:, None, None]
         return (~inside).unsqueeze(1).float()
