@@ -53,6 +53,7 @@ class DatasetConfig:
     num_train: int = 5000        # synthetic
     num_test: int = 1000         # synthetic
     in_channels: int = 3         # synthetic
+    class_signal: float = 0.2   # synthetic: share of each image that is its class template (0 = noise)
     test_size: float = 0.2       # digits: held-out fraction
 
 
