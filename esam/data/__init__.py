@@ -53,6 +53,17 @@ def loader_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {k: kwargs[k] for k in LOADER_KEYS if k in kwargs}
 
 
+def check_batch_sizes(batch_size: int, test_batch_size: int, num_train: int, num_test: int,
+                      world_size: int = 1) -> int:
+    """Fail early on a batch the data cannot fill; return the evaluation batch size to use."""
+    if batch_size < 1 or batch_size > num_train:
+        raise UserError(f"dataset.batch_size={batch_size} must be between 1 and the training set size ({num_train})")
+    if batch_size % world_size:
+        raise UserError(f"dataset.batch_size={batch_size} must divide evenly over the {world_size} processes")
+    test_bs = min(test_batch_size, num_test)
+    return max(world_size, test_bs - test_bs % world_size)  # divisible over the ranks
+
+
 def tensor_bundle(
     train_images: torch.Tensor,
     train_labels: torch.Tensor,
@@ -75,11 +86,8 @@ def tensor_bundle(
     """Wrap in-memory uint8 tensors into train/test :class:`TensorLoader` s."""
     if isinstance(augment, dict):
         augment = Augment(**augment)
-    if batch_size < 1 or batch_size > train_images.shape[0]:
-        raise UserError(
-            f"dataset.batch_size={batch_size} must be between 1 and the training set size "
-            f"({train_images.shape[0]})"
-        )
+    test_bs = check_batch_sizes(batch_size, test_batch_size, train_images.shape[0], test_images.shape[0],
+                                world_size)
     common = dict(mean=mean, std=std, device=device, channels_last=channels_last,
                   rank=rank, world_size=world_size, seed=seed)
     test_bs = min(test_batch_size, test_images.shape[0])

@@ -14,8 +14,8 @@ from typing import Any, Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from esam.data import DataBundle, register_dataset
-from esam.data.tensor_loader import Augment, _generator
+from esam.data import DataBundle, check_batch_sizes, register_dataset
+from esam.data.tensor_loader import Augment, ShardedEpochs, _generator
 from esam.errors import UserError
 
 MEAN = (0.485, 0.456, 0.406)
@@ -62,7 +62,7 @@ class SeededFolder(Dataset):
             return self.transform(image), label
 
 
-class FolderLoader:
+class FolderLoader(ShardedEpochs):
     """Batches of normalised float images from a :class:`SeededFolder`, with TensorLoader's protocol.
 
     ``batch_size`` is the global batch; each of ``world_size`` ranks takes
@@ -98,24 +98,6 @@ class FolderLoader:
         self.mean = torch.tensor(mean, device=self.device).view(1, -1, 1, 1) * 255
         self.std = torch.tensor(std, device=self.device).view(1, -1, 1, 1) * 255
         self.num_samples = len(dataset)
-
-    def _local_indices(self, epoch: int) -> torch.Tensor:
-        # Same order and sharding as TensorLoader, so both datasets resume alike.
-        n = self.num_samples
-        order = torch.randperm(n, generator=_generator(self.seed, epoch)) if self.train else torch.arange(n)
-        if self.world_size > 1:
-            if self.train:  # equal shares so every rank runs the same number of steps
-                order = order[: n - n % self.world_size]
-            order = order[self.rank :: self.world_size]
-        return order
-
-    def __len__(self) -> int:
-        n = self.num_samples
-        if self.train:
-            local = n // self.world_size  # the remainder is dropped so ranks stay in step
-        else:
-            local = len(range(self.rank, n, self.world_size))
-        return local // self.local_batch if self.drop_last else -(-local // self.local_batch)
 
     def batches(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield (images, labels) on the device, from batch ``start`` of ``epoch``."""
@@ -207,15 +189,8 @@ def build_imagenet(
             "for imagenet set them to 0 (it uses random-resized crops and dataset.augment.flip)"
         )
     train_folder, val_folder = load_folders(root)
-    if batch_size < 1 or batch_size > len(train_folder.samples):
-        raise UserError(
-            f"dataset.batch_size={batch_size} must be between 1 and the training set size "
-            f"({len(train_folder.samples)})"
-        )
-    if batch_size % world_size:
-        raise UserError(f"dataset.batch_size={batch_size} must divide evenly over the {world_size} processes")
-    test_bs = min(test_batch_size, len(val_folder.samples))
-    test_bs = max(world_size, test_bs - test_bs % world_size)  # divisible over the ranks
+    test_bs = check_batch_sizes(batch_size, test_batch_size, len(train_folder.samples),
+                                len(val_folder.samples), world_size)
     common = dict(seed=seed, device=device, channels_last=channels_last, rank=rank,
                   world_size=world_size, num_workers=num_workers, pin_memory=pin_memory)
     train = FolderLoader(SeededFolder(train_folder, train_transform(image_size, augment.flip)),

@@ -29,7 +29,50 @@ def _generator(*key: int) -> torch.Generator:
     return torch.Generator().manual_seed(hash(key) & 0x7FFF_FFFF_FFFF_FFFF)
 
 
-class TensorLoader:
+def shard_order(num_samples: int, *, epoch: int, seed: int, train: bool, rank: int = 0,
+                world_size: int = 1) -> torch.Tensor:
+    """Sample indices this rank visits in ``epoch``: a (seed, epoch) permutation for training,
+    file order for evaluation; under DDP every rank takes every world_size-th of them."""
+    order = torch.randperm(num_samples, generator=_generator(seed, epoch)) if train else torch.arange(num_samples)
+    if world_size > 1:
+        if train:  # equal shares so every rank runs the same number of steps
+            order = order[: num_samples - num_samples % world_size]
+        order = order[rank::world_size]
+    return order
+
+
+def count_batches(num_samples: int, *, local_batch: int, train: bool, drop_last: bool, rank: int = 0,
+                  world_size: int = 1) -> int:
+    """Batches per epoch on one rank, consistent with :func:`shard_order`."""
+    if train:
+        local = (num_samples - num_samples % world_size) // world_size
+    else:
+        local = len(range(rank, num_samples, world_size))
+    return local // local_batch if drop_last else -(-local // local_batch)
+
+
+class ShardedEpochs:
+    """Order and length of an epoch for loaders that set num_samples, seed, train, rank,
+    world_size, local_batch and drop_last: the same for every dataset, so all resume alike."""
+
+    num_samples: int
+    seed: int
+    train: bool
+    rank: int
+    world_size: int
+    local_batch: int
+    drop_last: bool
+
+    def _local_indices(self, epoch: int) -> torch.Tensor:
+        return shard_order(self.num_samples, epoch=epoch, seed=self.seed, train=self.train,
+                           rank=self.rank, world_size=self.world_size)
+
+    def __len__(self) -> int:
+        return count_batches(self.num_samples, local_batch=self.local_batch, train=self.train,
+                             drop_last=self.drop_last, rank=self.rank, world_size=self.world_size)
+
+
+class TensorLoader(ShardedEpochs):
     """Batches of normalised float images from uint8 NCHW ``images`` and int64 ``labels``.
 
     ``batch_size`` is the global batch; under DDP (``world_size`` > 1) each rank
@@ -78,30 +121,6 @@ class TensorLoader:
         if pad:  # pad once; each batch then gathers its crops from this
             self.padded = torch.nn.functional.pad(self.images, (pad, pad, pad, pad))
         self.num_samples = images.shape[0]
-
-    def _local_indices(self, epoch: int) -> torch.Tensor:
-        n = self.num_samples
-        if self.train:
-            order = torch.randperm(n, generator=_generator(self.seed, epoch))
-        else:
-            order = torch.arange(n)
-        if self.world_size > 1:
-            if self.train:  # equal shares so every rank runs the same number of steps
-                order = order[: n - n % self.world_size]
-            order = order[self.rank :: self.world_size]
-        return order
-
-    def __len__(self) -> int:
-        n = self._local_count()
-        return n // self.local_batch if self.drop_last else -(-n // self.local_batch)
-
-    def _local_count(self) -> int:
-        n = self.num_samples
-        if self.world_size == 1:
-            return n
-        if self.train:
-            return (n - n % self.world_size) // self.world_size
-        return len(range(self.rank, n, self.world_size))
 
     def batches(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield (images, labels) on the device, from batch ``start`` of ``epoch``."""
