@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-fast bench
+.PHONY: help install demo test test-fast bench models
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_%-]+:.*## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -28,6 +28,12 @@ test: install ## The whole test suite, slow tests included (what CI runs)
 
 test-fast: install ## The test suite without tests marked slow
 	$(PYTHON) -m pytest -q -m "not slow" $(ARGS)
+
+bench: install ## Side-by-side overhead benchmark, SGD/SAM/ESAM on ResNet-18 (conf/bench.yaml; ARGS=overrides)
+	$(PYTHON) -m esam.bench $(ARGS)
+
+models: install ## Parameter counts and FLOPs of every model into results/models.md
+	$(PYTHON) scripts/model_table.py --output results/models.md
 
 # -- Paper recipes, sweeps and the report ----------------------------------------------------
 # make cifar10-esam MODEL=wrn28_10 SEEDS=0,1,2 ARGS='hydra/launcher=slurm hydra.launcher.partition=gpu'
