@@ -2,6 +2,7 @@
 the values the paper and the authors' run.sh use; the Makefile targets name existing recipes."""
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -113,8 +114,10 @@ def test_launchers_compose(launcher, target):
     (f"{ds}-{opt}", m, f"{ds}_{m}_{opt}") for ds, m in GRID for opt in METHODS
 ] + [("cifar10-sam", "", "cifar10_resnet18_sam"), ("imagenet-esam", "", "imagenet_resnet50_esam")])
 def test_make_targets_name_existing_recipes(target, model, experiment):
-    out = subprocess.run(["make", "-n", "-o", "install", target, f"MODEL={model}", "SEEDS=0,1,2"],
-                         cwd=REPO, capture_output=True, text=True, timeout=60)
+    # Under `make test` the parent make's MAKEFLAGS/MAKELEVEL would add "Entering directory" lines.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+    out = subprocess.run(["make", "--no-print-directory", "-n", "-o", "install", target, f"MODEL={model}",
+                          "SEEDS=0,1,2"], cwd=REPO, capture_output=True, text=True, timeout=60, env=env)
     assert out.returncode == 0, out.stderr
     line = out.stdout.strip().splitlines()[-1]
     assert re.search(rf"esam\.train -m experiment={experiment} seed=0,1,2", line), line

@@ -43,8 +43,10 @@ def test_parameter_count_matches_the_published_figure(name):
 
 
 def test_every_registered_model_has_a_native_shape_and_a_published_count_or_is_generic():
-    assert set(MODELS) == set(NATIVE_SHAPES)
-    assert set(MODELS) - set(PUBLISHED) == {"resnet_digits", "timm"}
+    # Only the package's own models: tests may register helpers of their own (tests/_ddp_entry.py).
+    ours = {name for name, fn in MODELS.items() if fn.__module__.startswith("esam.models")}
+    assert ours <= set(NATIVE_SHAPES)
+    assert ours - set(PUBLISHED) == {"resnet_digits", "timm"}
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
