@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-fast bench models
+.PHONY: help install demo test test-fast bench bench-trainer models
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_%-]+:.*## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -31,6 +31,9 @@ test-fast: install ## The test suite without tests marked slow
 
 bench: install ## Side-by-side overhead benchmark, SGD/SAM/ESAM on ResNet-18 (conf/bench.yaml; ARGS=overrides)
 	$(PYTHON) -m esam.bench $(ARGS)
+
+bench-trainer: install ## Trainer's own SGD images/s vs the bench's bare SGD steps, interleaved (data pipeline check)
+	$(PYTHON) -m esam.trainer_bench --out results/bench/trainer-vs-bench $(ARGS)
 
 models: install ## Parameter counts and FLOPs of every model into results/models.md
 	$(PYTHON) scripts/model_table.py --output results/models.md
