@@ -63,6 +63,7 @@ from esam.data import build_data
 from esam.errors import UserError
 from esam.models import build_model
 from esam.optim import ESAM, SAM, SGD, SharpnessAwareOptimizer
+from esam.runtime import resolve_device, resolve_precision
 
 
 # -- config schema ---------------------------------------------------------------
@@ -121,29 +122,6 @@ def cost_units(opt: torch.optim.Optimizer) -> float:
 
 
 # -- device and precision ---------------------------------------------------------
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"device={name!r} is not a device; allowed: auto, cpu, cuda, cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device={name} but CUDA is not available here; use device=cpu or device=auto")
-    return device
-
-
-def resolve_precision(precision: Precision | str, device: torch.device) -> str:
-    p = Precision(precision).value
-    if p == "auto":
-        bf16_ok = (torch.cuda.is_bf16_supported() if device.type == "cuda"
-                   else torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        return "bf16" if bf16_ok else "fp32"
-    if p == "fp16" and device.type != "cuda":
-        raise UserError("precision=fp16 needs CUDA (autocast + GradScaler); use bf16 or fp32 on the CPU")
-    return p
-
-
 def autocast_for(precision: str, device: torch.device):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     if dtype is None:

@@ -60,25 +60,30 @@ def init_distributed(device_type: str) -> DistInfo:
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """'auto' = CUDA (this rank's GPU) if present, else CPU; 'cuda' = this rank's GPU."""
     if name == "auto":
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"trainer.device={name} but CUDA is not available here; use auto or cpu")
-    if name == "cuda":
-        return torch.device(f"cuda:{local_rank}")
-    if name not in ("cpu",) and not name.startswith("cuda:"):
-        raise UserError(f"trainer.device={name!r} is not one of auto, cpu, cuda, cuda:N")
-    return torch.device(name)
+    try:
+        device = torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
+    except RuntimeError:
+        raise UserError(f"device={name!r} is not a device; allowed: auto, cpu, cuda, cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device={name} but CUDA is not available here; use device=cpu or device=auto")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"device={name!r} is not one of auto, cpu, cuda, cuda:N")
+    return device
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
-    """'auto' means bf16 autocast where the device runs it natively, else fp32."""
+    """'auto' = bf16 autocast where the device runs it natively (AMX/AVX512-BF16 CPUs, Ampere+
+    GPUs), else fp16 on older GPUs and fp32 on older CPUs."""
+    name = str(getattr(name, "value", name))
     if name == "auto":
         if device.type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "bf16"
+        return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
     if name == "fp16" and device.type != "cuda":
-        raise UserError("trainer.precision=fp16 needs CUDA (GradScaler); use bf16 or fp32 on CPU")
+        raise UserError("precision=fp16 needs CUDA (autocast + GradScaler); use bf16 or fp32 on the CPU")
     return name
 
 

@@ -33,7 +33,7 @@ from esam.data import DataBundle, build_data
 from esam.errors import UserError
 from esam.loggers import build_logger
 from esam.models import build_model, count_parameters
-from esam.runtime import (CHECKPOINT_FORMAT, DistInfo, atomic_torch_save, atomic_write_json,
+from esam.runtime import (CHECKPOINT_FORMAT, atomic_torch_save, atomic_write_json,
                           atomic_write_text, device_name, git_commit, init_distributed,
                           load_checkpoint, resolve_device, resolve_precision, rng_states,
                           seed_everything, set_rng_states, sync)
