@@ -349,15 +349,9 @@ def plot_acc_vs_throughput(table: pd.DataFrame, path: Path) -> Path:
         for _, r in part.iterrows():
             ax.errorbar(r.img_per_s_mean, r.acc_best_mean, xerr=_nan0(r.img_per_s_std), yerr=_nan0(r.acc_best_std),
                         fmt="o", capsize=3, label=f"{_label(r, part.epochs.nunique() > 1)} (n={int(r.n)})")
-        ax.set_title(f"{ds} / {model}\n{hw}", fontsize=9)
-        ax.set_xlabel("training images/s (higher is cheaper)")
-        ax.set_ylabel("test accuracy %, best epoch")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+        _finish_panel(ax, f"{ds} / {model}\n{hw}", "training images/s (higher is cheaper)",
+                      "test accuracy %, best epoch")
+    return _save(fig, plt, path)
 
 
 def plot_curves(curves: pd.DataFrame, path: Path) -> Path | None:
@@ -380,11 +374,19 @@ def plot_curves(curves: pd.DataFrame, path: Path) -> Path | None:
             line, = ax.plot(stats.epoch, stats["mean"], label=label)
             ax.fill_between(stats.epoch, stats["mean"] - stats["std"].fillna(0), stats["mean"] + stats["std"].fillna(0),
                             color=line.get_color(), alpha=0.2)
-        ax.set_title(f"{ds} / {model}\n{hw}", fontsize=9)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("test accuracy %")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _finish_panel(ax, f"{ds} / {model}\n{hw}", "epoch", "test accuracy %")
+    return _save(fig, plt, path)
+
+
+def _finish_panel(ax, title: str, xlabel: str, ylabel: str) -> None:
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def _save(fig, plt, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
