@@ -86,18 +86,11 @@ class FolderLoader(ShardedEpochs):
         mean: tuple[float, ...] = MEAN,
         std: tuple[float, ...] = STD,
     ) -> None:
-        if batch_size % world_size:
-            raise ValueError(f"batch_size={batch_size} must divide evenly over {world_size} processes")
-        self.dataset, self.train, self.seed = dataset, train, seed
-        self.batch_size, self.local_batch = batch_size, batch_size // world_size
-        self.drop_last, self.channels_last = drop_last, channels_last
-        self.rank, self.world_size = rank, world_size
-        self.device = torch.device(device)
-        self.num_workers = num_workers
+        self._init_sharding(len(dataset), batch_size=batch_size, train=train, seed=seed, drop_last=drop_last,
+                            device=device, channels_last=channels_last, rank=rank, world_size=world_size,
+                            mean=mean, std=std)
+        self.dataset, self.num_workers = dataset, num_workers
         self.pin_memory = self.device.type == "cuda" if pin_memory is None else pin_memory
-        self.mean = torch.tensor(mean, device=self.device).view(1, -1, 1, 1) * 255
-        self.std = torch.tensor(std, device=self.device).view(1, -1, 1, 1) * 255
-        self.num_samples = len(dataset)
 
     def batches(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield (images, labels) on the device, from batch ``start`` of ``epoch``."""
@@ -111,7 +104,7 @@ class FolderLoader(ShardedEpochs):
             generator=_generator(self.seed, epoch, 3),
         )
         for images, labels in loader:
-            x = images.to(self.device, non_blocking=True).float().sub_(self.mean).div_(self.std)
+            x = self._normalise(images.to(self.device, non_blocking=True))
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, labels.to(self.device, torch.int64, non_blocking=True)
@@ -123,9 +116,6 @@ class FolderLoader(ShardedEpochs):
         for b in range(start, len(self)):
             chunk = order[b * self.local_batch : (b + 1) * self.local_batch]
             yield [(i, _sample_seed(self.seed, epoch, i) if self.train else 0) for i in chunk]
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return self.batches(0)
 
 
 def _sample_seed(seed: int, epoch: int, index: int) -> int:

@@ -52,16 +52,28 @@ def count_batches(num_samples: int, *, local_batch: int, train: bool, drop_last:
 
 
 class ShardedEpochs:
-    """Order and length of an epoch for loaders that set num_samples, seed, train, rank,
-    world_size, local_batch and drop_last: the same for every dataset, so all resume alike."""
+    """What every loader shares: its sharding settings, the order and length of an epoch
+    (the same for every dataset, so all resume alike), and normalisation on the device."""
 
-    num_samples: int
-    seed: int
-    train: bool
-    rank: int
-    world_size: int
-    local_batch: int
-    drop_last: bool
+    def _init_sharding(self, num_samples: int, *, batch_size: int, train: bool, seed: int, drop_last: bool,
+                       device: torch.device | str, channels_last: bool, rank: int, world_size: int,
+                       mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        if batch_size % world_size:
+            raise ValueError(f"batch_size={batch_size} must divide evenly over {world_size} processes")
+        self.num_samples, self.train, self.seed = num_samples, train, seed
+        self.batch_size, self.local_batch = batch_size, batch_size // world_size
+        self.drop_last, self.channels_last = drop_last, channels_last
+        self.rank, self.world_size = rank, world_size
+        self.device = torch.device(device)
+        self.mean = torch.tensor(mean, device=self.device).view(1, -1, 1, 1) * 255
+        self.std = torch.tensor(std, device=self.device).view(1, -1, 1, 1) * 255
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 images on the device -> float, per-channel normalised."""
+        return (x.float() - self.mean) / self.std
+
+    def __iter__(self):
+        return self.batches(0)
 
     def _local_indices(self, epoch: int) -> torch.Tensor:
         return shard_order(self.num_samples, epoch=epoch, seed=self.seed, train=self.train,
@@ -104,23 +116,15 @@ class TensorLoader(ShardedEpochs):
             raise ValueError(
                 f"batch_size={batch_size} is larger than the dataset ({images.shape[0]} samples)"
             )
-        if batch_size % world_size:
-            raise ValueError(f"batch_size={batch_size} must divide evenly over {world_size} processes")
-        self.device = torch.device(device)
+        self._init_sharding(images.shape[0], batch_size=batch_size, train=train, seed=seed,
+                            drop_last=drop_last, device=device, channels_last=channels_last, rank=rank,
+                            world_size=world_size, mean=mean, std=std)
         self.images = images.to(self.device)
         self.labels = labels.to(self.device, torch.int64)
-        self.batch_size, self.train, self.seed = batch_size, train, seed
-        self.local_batch = batch_size // world_size
         self.augment = augment if (train and augment is not None) else Augment()
-        self.drop_last, self.channels_last = drop_last, channels_last
-        self.rank, self.world_size = rank, world_size
-        c = images.shape[1]
-        self.mean = torch.tensor(mean, device=self.device).view(1, c, 1, 1) * 255
-        self.std = torch.tensor(std, device=self.device).view(1, c, 1, 1) * 255
         pad = self.augment.crop_padding
         if pad:  # pad once; each batch then gathers its crops from this
             self.padded = torch.nn.functional.pad(self.images, (pad, pad, pad, pad))
-        self.num_samples = images.shape[0]
 
     def batches(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield (images, labels) on the device, from batch ``start`` of ``epoch``."""
@@ -128,9 +132,6 @@ class TensorLoader(ShardedEpochs):
         for b in range(start, len(self)):
             idx = order[b * self.local_batch : (b + 1) * self.local_batch].to(self.device)
             yield self._make_batch(idx, epoch, b), self.labels[idx]
-
-    def __iter__(self):
-        return self.batches(0)
 
     def _make_batch(self, idx: torch.Tensor, epoch: int, b: int) -> torch.Tensor:
         aug, n = self.augment, idx.shape[0]
@@ -149,7 +150,7 @@ class TensorLoader(ShardedEpochs):
         if aug.flip:
             flip = (torch.rand(n, generator=g) < 0.5).to(self.device)[:, None, None, None]
             x = torch.where(flip, x.flip(3), x)
-        x = (x.float() - self.mean) / self.std
+        x = self._normalise(x)
         if aug.cutout and aug.cutout_prob > 0:
             x = x * self._cutout_mask(n, x.shape[2], x.shape[3], aug.cutout, aug.cutout_prob, g)
         if self.channels_last:
