@@ -332,7 +332,7 @@ class Bench:
         self.batch_size, self.input_shape = self.batches[0][0].shape[0], tuple(self.batches[0][0].shape[1:])
 
         torch.manual_seed(cfg.seed)
-        template = build_model(cfg.model.arch, num_classes=data.num_classes, in_channels=data.in_channels,
+        template = build_model(cfg.model.name, num_classes=data.num_classes, in_channels=data.in_channels,
                                **cfg.model.args).to(self.device)
         if self.channels_last:
             template = template.to(memory_format=torch.channels_last)
@@ -487,7 +487,7 @@ def summarize(bench: Bench, env: dict[str, Any]):
             "cost_units": m.units,
             "cost_model_extra_pct": 100 * (m.units / base.units - 1),
             **{f"phase_ms.{k}": m.phase_ms.get(k, 0.0) for k in _segments(bench) if m.phase_ms},
-            "model": bench.cfg.model.name,
+            "model": bench.cfg.model.label,
             "device": env["device"],
             "precision": bench.precision,
             "channels_last": bench.channels_last,
@@ -617,7 +617,7 @@ def _overrides() -> list[str]:
 
 
 def file_stem(bench: Bench, env: dict[str, Any]) -> str:
-    stem = f"{bench.cfg.model.name}-{env['device']}-{bench.precision}-torch{env['torch']}"
+    stem = f"{bench.cfg.model.label}-{env['device']}-{bench.precision}-torch{env['torch']}"
     return f"{stem}-{bench.cfg.tag}" if bench.cfg.tag else stem
 
 
@@ -689,7 +689,7 @@ def log_wandb(cfg: DictConfig, df, env: dict[str, Any], name: str) -> None:
     lg = cfg.logger
     mode = lg.mode or os.environ.get("WANDB_MODE") or "online"
     run = wandb.init(project=lg.project, entity=lg.entity, mode=mode, job_type="bench", name=name,
-                     group="bench", tags=list(lg.tags) + [env["device"], cfg.model.name],
+                     group="bench", tags=list(lg.tags) + [env["device"], cfg.model.label],
                      config={**OmegaConf.to_container(cfg, resolve=True), "env": env})
     try:
         run.log({"bench": wandb.Table(dataframe=df)})
@@ -715,7 +715,7 @@ def run(cfg: DictConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
 def _run(cfg: DictConfig, log: Callable[[str], None]) -> dict[str, Any]:
     bench = Bench(cfg)
     env = environment(bench)
-    log(f"bench: {cfg.model.name} on {env['device_name']} ({env['threads']} threads), {bench.precision}, "
+    log(f"bench: {cfg.model.label} on {env['device_name']} ({env['threads']} threads), {bench.precision}, "
         f"channels_last={bench.channels_last}, batch {bench.batch_size}x{'x'.join(map(str, bench.input_shape))}, "
         f"{len(bench.methods)} methods, {cfg.repeats} repeats x {cfg.steps} steps")
     if env["device"] == "cpu" and env["load_avg_1m_before"] > 0.5 * (os.cpu_count() or 1):
@@ -732,7 +732,7 @@ def _run(cfg: DictConfig, log: Callable[[str], None]) -> dict[str, Any]:
     out = Path(cfg.results_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = file_stem(bench, env) + ("-grid" if Mode(cfg.mode) == Mode.grid else "")
-    title = (f"{cfg.model.name}, batch {bench.batch_size}x{'x'.join(map(str, bench.input_shape))}, "
+    title = (f"{cfg.model.label}, batch {bench.batch_size}x{'x'.join(map(str, bench.input_shape))}, "
              f"{bench.precision}{', channels_last' if bench.channels_last else ''}, {env['device_name']}, "
              f"torch {env['torch']}")
     files = {"csv": out / f"{stem}.csv", "json": out / f"{stem}.json", "png": out / f"{stem}.png"}

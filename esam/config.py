@@ -40,41 +40,84 @@ class AugmentConfig:
 
 @dataclass
 class DatasetConfig:
-    name: str = MISSING
-    root: str = "data"           # where CIFAR/ImageNet live (relative to the launch folder)
-    download: bool = True        # CIFAR only; ImageNet cannot be downloaded
+    """Keys every dataset has; each dataset's own schema below adds its own (and only those)."""
+    name: str = MISSING          # registry key (esam.data.DATASETS)
     batch_size: int = 128        # global batch (split over DDP ranks)
     test_batch_size: int = 512
     drop_last: bool = False
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    num_workers: int = 4         # ImageFolder loader processes
-    image_size: int = 32         # synthetic side; ImageNet train crop
-    num_classes: int = 10        # synthetic
-    num_train: int = 5000        # synthetic
-    num_test: int = 1000         # synthetic
-    in_channels: int = 3         # synthetic
-    class_signal: float = 0.2   # synthetic: share of each image that is its class template (0 = noise)
-    test_size: float = 0.2       # digits: held-out fraction
+
+
+@dataclass
+class CIFARConfig(DatasetConfig):
+    root: str = "data"           # relative to the launch folder
+    download: bool = True
+
+
+@dataclass
+class ImageNetConfig(DatasetConfig):
+    root: str = "data/imagenet"  # root/train/<wnid>/*.JPEG, root/val/<wnid>/*.JPEG; never downloaded
+    image_size: int = 224        # train crop side
+    num_workers: int = 8         # JPEG-decoding processes
+
+
+@dataclass
+class DigitsConfig(DatasetConfig):
+    test_size: float = 0.2       # held-out fraction
+
+
+@dataclass
+class SyntheticConfig(DatasetConfig):
+    image_size: int = 32
+    num_classes: int = 10
+    num_train: int = 5000
+    num_test: int = 1000
+    in_channels: int = 3
+    class_signal: float = 0.2    # share of each image that is its class template (0 = noise)
 
 
 @dataclass
 class ModelConfig:
-    arch: str = MISSING          # registry key (esam.models.MODELS)
-    name: str = "${.arch}"       # what tables and wandb call it
+    name: str = MISSING          # registry key (esam.models.MODELS)
+    label: str = "${.name}"      # what tables and wandb call it
     channels_last: bool = True
     args: Dict[str, Any] = field(default_factory=dict)  # passed to the builder
 
 
+# -- optimizers: the method (optimizer.name, a key of esam.optim.METHODS) and its base --------
+@dataclass
+class SGDBaseConfig:
+    """torch.optim.SGD; timm-style names sgd | momentum | nesterov."""
+    name: str = "sgd"
+    momentum: float = 0.9
+    nesterov: bool = False
+    dampening: float = 0.0
+
+
+@dataclass
+class AdamBaseConfig:
+    """torch.optim.Adam / AdamW (name adam | adamw)."""
+    name: str = "adam"
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    amsgrad: bool = False
+
+
+@dataclass
+class RMSpropBaseConfig:
+    name: str = "rmsprop"
+    alpha: float = 0.99
+    eps: float = 1e-8
+    momentum: float = 0.0
+
+
 @dataclass
 class OptimizerConfig:
-    _target_: str = MISSING
-    _partial_: bool = True
-    name: str = MISSING          # method label in tables and wandb
-    base_optimizer: str = "sgd"
+    name: str = MISSING          # method: registry key (esam.optim.METHODS)
+    label: str = "${.name}"      # what tables and wandb call it
     lr: float = 0.05
-    momentum: float = 0.9
     weight_decay: float = 1e-3
-    nesterov: bool = False
+    base: Any = MISSING          # conf/optimizer/base/<name>.yaml: the base optimizer and its own args
 
 
 @dataclass
@@ -119,8 +162,13 @@ class LoggerConfig:
 
 def register_configs() -> None:
     cs = ConfigStore.instance()
-    cs.store(group="dataset", name="dataset_schema", node=DatasetConfig)
+    for name, node in (("cifar_schema", CIFARConfig), ("imagenet_schema", ImageNetConfig),
+                       ("digits_schema", DigitsConfig), ("synthetic_schema", SyntheticConfig)):
+        cs.store(group="dataset", name=name, node=node)
     cs.store(group="model", name="model_schema", node=ModelConfig)
+    for name, node in (("sgd_schema", SGDBaseConfig), ("adam_schema", AdamBaseConfig),
+                       ("rmsprop_schema", RMSpropBaseConfig)):
+        cs.store(group="optimizer/base", name=name, node=node)
     cs.store(group="optimizer", name="sgd_schema", node=OptimizerConfig)
     cs.store(group="optimizer", name="sam_schema", node=SAMConfig)
     cs.store(group="optimizer", name="esam_schema", node=ESAMConfig)

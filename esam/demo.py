@@ -23,7 +23,7 @@ def demo(overrides: list[str], out_root: Path) -> list[dict]:
         for method in METHODS:
             cfg = compose("train", overrides=["experiment_name=demo", "trainer.epochs=10", "trainer.progress=false",
                                               f"optimizer={method}", *overrides])
-            print(f"--- {method}: {cfg.dataset.name} / {cfg.model.name}, {cfg.trainer.epochs} epochs", flush=True)
+            print(f"--- {method}: {cfg.dataset.name} / {cfg.model.label}, {cfg.trainer.epochs} epochs", flush=True)
             summaries.append(run(cfg, out_root / method))
     return summaries
 

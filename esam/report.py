@@ -167,9 +167,12 @@ def row_from_wandb(run: Any) -> dict[str, Any] | None:
     s: dict[str, Any] = {}
     for key, value in summary.items():
         s[WANDB_KEYS.get(key, key)] = value
-    for key, dotted in (("dataset", "dataset.name"), ("model", "model.name"), ("optimizer", "optimizer.name"),
+    for key, dotted in (("dataset", "dataset.name"), ("model", "model.label"), ("optimizer", "optimizer.label"),
                         ("seed", "seed"), ("batch_size", "dataset.batch_size"), ("rho", "optimizer.rho"),
                         ("beta", "optimizer.beta"), ("gamma", "optimizer.gamma"), ("experiment", "experiment_name")):
+        if s.get(key) is None:
+            s[key] = _dig(config, dotted)
+    for key, dotted in (("model", "model.name"), ("optimizer", "optimizer.name")):  # runs before labels
         if s.get(key) is None:
             s[key] = _dig(config, dotted)
     if s.get("epochs") is None:

@@ -40,7 +40,7 @@ from esam.runtime import (CHECKPOINT_FORMAT, atomic_torch_save, atomic_write_jso
 
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
 # What a checkpoint's run and the resuming run must share (epochs, device, logging may differ).
-RESUME_MUST_MATCH = ("dataset.name", "model.arch", "model.args", "optimizer.name")
+RESUME_MUST_MATCH = ("dataset.name", "model.name", "model.args", "optimizer.name")
 
 
 class NonFiniteLossError(UserError):
@@ -104,7 +104,7 @@ class Trainer:
             channels_last=cfg.model.channels_last, rank=self.dist.rank, world_size=self.dist.world_size,
         )
         torch.manual_seed(cfg.seed)  # same initial weights whatever the data builder drew
-        model = build_model(cfg.model.arch, num_classes=self.data.num_classes,
+        model = build_model(cfg.model.name, num_classes=self.data.num_classes,
                             in_channels=self.data.in_channels,
                             **OmegaConf.to_container(cfg.model.args, resolve=True))
         self.num_params = count_parameters(model)
@@ -136,24 +136,14 @@ class Trainer:
 
     # -- construction helpers ----------------------------------------------------------
     def _build_optimizer(self):
-        from hydra.utils import instantiate
+        from esam.optim import build_from_spec
 
-        opt_cfg = OmegaConf.to_container(self.cfg.optimizer, resolve=True)
-        self.method = opt_cfg.pop("name")
         # SWP draws differ per rank (as in the authors' code) but are fixed by the run's seed.
         # Ints only: hash() of a str is salted per process (PYTHONHASHSEED), which made ESAM
         # runs with the same seed differ from one process to the next.
         swp_seed = hash((int(self.cfg.seed), self.dist.rank, 0x5E5)) & 0x7FFF_FFFF
-        try:
-            factory = instantiate(opt_cfg)
-            return factory(self.model.parameters(), model=self.ddp_model, seed=swp_seed)
-        except ValueError as e:
-            raise UserError(f"optimizer: {e}") from None
-        except Exception as e:
-            cause = e.__cause__ if e.__cause__ is not None else e
-            if isinstance(cause, ValueError):
-                raise UserError(f"optimizer: {cause}") from None
-            raise
+        return build_from_spec(OmegaConf.to_container(self.cfg.optimizer, resolve=True),
+                               self.model.parameters(), model=self.ddp_model, seed=swp_seed)
 
     def _steps_per_epoch(self) -> int:
         n = len(self.data.train)
@@ -229,7 +219,8 @@ class Trainer:
         if not self.dist.is_main:
             return None
         path = self.checkpoint_dir / name
-        atomic_torch_save(self.state_dict(), path)
+        with self.optimizer.evaluation_weights():
+            atomic_torch_save(self.state_dict(), path)
         return path
 
     def _check_same_run(self, ckpt: dict[str, Any]) -> None:
@@ -325,7 +316,7 @@ class Trainer:
         cfg_dict = OmegaConf.to_container(self.cfg, resolve=True)
         logger = build_logger(
             self.cfg.logger, name=self.cfg.name, group=self.cfg.experiment_name,
-            tags=[self.cfg.dataset.name, self.cfg.model.name, self.method], config=cfg_dict,
+            tags=[self.cfg.dataset.name, self.cfg.model.label, self.cfg.optimizer.label], config=cfg_dict,
             run_dir=str(self.run_dir), run_id=self.wandb_id,
         ) if self.dist.is_main else build_logger(OmegaConf.create({"name": "none"}), name="", group="",
                                                   tags=[], config={}, run_dir="")
@@ -432,6 +423,7 @@ class Trainer:
             x, y = next(batches)
             keep: dict[str, torch.Tensor] = {}
             closure = self._closure_factory(x, y, keep)
+            self.optimizer.set_progress(self.epoch + i / self.steps_per_epoch, tc.epochs)
             sync(self.device)
             t0 = time.perf_counter()
             losses = self.optimizer.step(closure, grad_scaler=self.scaler)
@@ -501,6 +493,10 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
+        with self.optimizer.evaluation_weights():
+            return self._evaluate()
+
+    def _evaluate(self) -> dict[str, float]:
         self.ddp_model.eval()
         model = self.model  # no DDP forward in eval: nothing to synchronise
         dtype = self.autocast_dtype
@@ -551,8 +547,9 @@ class Trainer:
             "name": self.cfg.name,
             "experiment": self.cfg.experiment_name,
             "dataset": self.cfg.dataset.name,
-            "model": self.cfg.model.name,
-            "optimizer": self.method,
+            "model": self.cfg.model.label,
+            "optimizer": self.cfg.optimizer.label,
+            "method": self.cfg.optimizer.name,
             "seed": self.cfg.seed,
             "epochs": len(h),
             "test_acc_final": h[-1]["test_acc"],

@@ -2,7 +2,7 @@
 
 Without BatchNorm a rank's forward does not depend on the other rank's half of the
 batch, so DDP's averaged gradient is the single-process gradient and SGD must agree
-to rounding. The model is registered under ``ddp_test_mlp`` (use model.arch=ddp_test_mlp).
+to rounding. The model is registered under ``ddp_test_mlp`` (use model.name=ddp_test_mlp).
 """
 from __future__ import annotations
 

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
 
+from esam.optim import build_from_spec
 from esam.train import CONFIG_DIR
 from conftest import REPO, compose_cfg
 
@@ -43,12 +44,12 @@ def test_recipe_composes_with_the_paper_values(name):
     assert text.startswith("# @package _global_\n")
     cfg = compose_cfg([f"experiment={name}"])
 
-    assert (cfg.dataset.name, cfg.model.arch, cfg.optimizer.name) == (ds, model, method)
+    assert (cfg.dataset.name, cfg.model.name, cfg.optimizer.name) == (ds, model, method)
     assert cfg.experiment_name == f"{ds}_{model}"  # one wandb group for the three methods
     assert cfg.dataset.batch_size == r["batch"]
     assert cfg.trainer.epochs == r["epochs"]
     o = cfg.optimizer
-    assert (o.base_optimizer, o.lr, o.weight_decay, o.momentum, o.nesterov) == ("sgd", r["lr"], r["wd"], 0.9, False)
+    assert (o.base.name, o.lr, o.weight_decay, o.base.momentum, o.base.nesterov) == ("sgd", r["lr"], r["wd"], 0.9, False)
     if method == "sgd":
         assert "rho" not in o
     else:
@@ -68,10 +69,8 @@ def test_recipe_composes_with_the_paper_values(name):
 @pytest.mark.parametrize("name", ["cifar10_resnet18_esam", "imagenet_resnet50_sam", "cifar100_pyramidnet110_sgd"])
 def test_recipe_builds_one_group_with_weight_decay_on_every_parameter(name):
     cfg = compose_cfg([f"experiment={name}"])
-    opt_cfg = dict(cfg.optimizer)
-    opt_cfg.pop("name")
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
-    opt = instantiate(opt_cfg)(model.parameters())
+    opt = build_from_spec(OmegaConf.to_container(cfg.optimizer, resolve=True), model.parameters())
     groups = opt.param_groups
     assert len(groups) == 1 and len(groups[0]["params"]) == len(list(model.parameters()))
     assert groups[0]["weight_decay"] == cfg.optimizer.weight_decay and groups[0]["nesterov"] is False

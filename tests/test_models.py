@@ -118,10 +118,10 @@ def test_kaiming_fan_out_init(name):
 def test_timm_model_from_the_config_takes_an_sgd_step(compose_train):
     import timm
 
-    cfg = compose_train(["model=timm", "model.name=resnet18"]).model
-    assert (cfg.arch, cfg.name, cfg.args.model_name) == ("timm", "resnet18", "resnet18")
+    cfg = compose_train(["model=timm", "model.args.model_name=resnet18"]).model
+    assert (cfg.name, cfg.label, cfg.args.model_name) == ("timm", "resnet18", "resnet18")
     torch.manual_seed(0)
-    model = build_model(cfg.arch, num_classes=10, in_channels=3, **cfg.args)
+    model = build_model(cfg.name, num_classes=10, in_channels=3, **cfg.args)
     assert isinstance(model, timm.models.ResNet)
     assert count_parameters(model) == count_parameters(timm.create_model("resnet18", num_classes=10))
 
@@ -138,9 +138,9 @@ def test_timm_model_from_the_config_takes_an_sgd_step(compose_train):
 
 
 def test_timm_model_name_follows_the_override(compose_train):
-    cfg = compose_train(["model=timm", "model.name=resnet10t"]).model
-    assert (cfg.name, cfg.args.model_name) == ("resnet10t", "resnet10t")
-    assert build_model(cfg.arch, num_classes=5, **cfg.args).default_cfg["architecture"] == "resnet10t"
+    cfg = compose_train(["model=timm", "model.args.model_name=resnet10t"]).model
+    assert (cfg.label, cfg.args.model_name) == ("resnet10t", "resnet10t")
+    assert build_model(cfg.name, num_classes=5, **cfg.args).default_cfg["architecture"] == "resnet10t"
 
 
 def test_unknown_timm_name_is_a_user_error():
@@ -151,7 +151,7 @@ def test_unknown_timm_name_is_a_user_error():
 @pytest.mark.parametrize("group", ["wrn28_10", "pyramidnet110", "resnet50", "resnet101"])
 def test_model_configs_compose_to_their_builders(compose_train, group):
     cfg = compose_train([f"model={group}"]).model
-    assert cfg.arch == group and cfg.arch in MODELS
+    assert cfg.name == group and cfg.name in MODELS
 
 
 def test_model_table_counts_flops_per_image_by_hand():

@@ -43,13 +43,13 @@ def resnet101(num_classes: int = 1000, in_channels: int = 3) -> nn.Module:
 @register_model("timm", input_size=IMAGENET_INPUT, num_classes=1000)
 def timm_model(num_classes: int = 1000, in_channels: int = 3, model_name: str = "resnet18",
                **kwargs: Any) -> nn.Module:
-    """Any ``timm`` architecture by name (``model=timm model.name=<name>``), with timm's init."""
+    """Any ``timm`` architecture by name (``model=timm model.args.model_name=<name>``), with timm's init."""
     import timm
 
     if not timm.is_model(model_name):
         close = difflib.get_close_matches(model_name, timm.list_models(), n=5, cutoff=0.6)
         raise UserError(
-            f"model.name={model_name!r} is not a timm model; close names: {close or 'none'} "
+            f"model.args.model_name={model_name!r} is not a timm model; close names: {close or 'none'} "
             f"(list them with python -c \"import timm; print(timm.list_models('*resnet*'))\")"
         )
     return timm.create_model(model_name, pretrained=False, num_classes=num_classes,

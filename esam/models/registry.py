@@ -6,6 +6,8 @@ from typing import Any, Callable
 
 from torch import nn
 
+from esam.errors import UserError
+
 ModelBuilder = Callable[..., nn.Module]
 MODELS: dict[str, ModelBuilder] = {}
 
@@ -42,7 +44,7 @@ def register_model(
 
 def build_model(name: str, num_classes: int, in_channels: int = 3, **kwargs: Any) -> nn.Module:
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; allowed: {sorted(MODELS)}")
+        raise UserError(f"unknown model {name!r}; allowed: {', '.join(sorted(MODELS))}")
     return MODELS[name](num_classes=num_classes, in_channels=in_channels, **kwargs)
 
 

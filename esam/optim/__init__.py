@@ -1,10 +1,16 @@
 """Sharpness-aware optimizers as plain PyTorch: no Hydra, no logging, no files.
 
 All share ``opt.step(closure)`` where ``closure(indices=None)`` returns per-sample
-losses (autograd on) for the whole batch or for ``indices``.
+losses (autograd on) for the whole batch or for ``indices``. Every method registers
+itself in :data:`METHODS` (name, class, cost in forward/backward units, logged stats).
 """
-from esam.optim.base import BASE_OPTIMIZERS, SGD, SharpnessAwareOptimizer, resolve_base_optimizer
+from esam.optim.base import BASE_OPTIMIZERS, SGD, BaseOnly, SharpnessAwareOptimizer, resolve_base_optimizer
 from esam.optim.esam import ESAM
+from esam.optim.registry import (METHODS, MethodInfo, build_from_spec, build_optimizer, get_method,
+                                  optimizer_kwargs, register_method)
 from esam.optim.sam import SAM
 
-__all__ = ["SGD", "SAM", "ESAM", "SharpnessAwareOptimizer", "BASE_OPTIMIZERS", "resolve_base_optimizer"]
+__all__ = ["SGD", "BaseOnly", "SAM", "ESAM", "SharpnessAwareOptimizer", "BASE_OPTIMIZERS",
+           "resolve_base_optimizer", "METHODS", "MethodInfo", "build_optimizer", "build_from_spec",
+           "optimizer_kwargs", "get_method",
+           "register_method"]

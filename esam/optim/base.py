@@ -13,28 +13,34 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from esam.optim.registry import MethodInfo, register_method
+
 Closure = Callable[..., torch.Tensor]
 PhaseHook = Callable[[str], None]
 
-BASE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
-    "sgd": torch.optim.SGD,
-    "adam": torch.optim.Adam,
-    "adamw": torch.optim.AdamW,
-    "rmsprop": torch.optim.RMSprop,
+# timm-style names -> (class, defaults the name implies). Explicit kwargs override the defaults.
+BASE_OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {
+    "sgd": (torch.optim.SGD, {}),
+    "momentum": (torch.optim.SGD, {"momentum": 0.9, "nesterov": False}),
+    "nesterov": (torch.optim.SGD, {"momentum": 0.9, "nesterov": True}),
+    "adam": (torch.optim.Adam, {}),
+    "adamw": (torch.optim.AdamW, {}),
+    "rmsprop": (torch.optim.RMSprop, {}),
 }
 
 
-def resolve_base_optimizer(base: str | type) -> type[torch.optim.Optimizer]:
-    """Map a name ('sgd', 'adamw', ...) or an Optimizer subclass to the class."""
+def resolve_base_optimizer(base: str | type) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
+    """Map a name ('sgd', 'momentum', 'adamw', ...) or an Optimizer subclass to (class, implied kwargs)."""
     if isinstance(base, str):
         if base.lower() not in BASE_OPTIMIZERS:
             raise ValueError(
                 f"unknown base optimizer {base!r}; allowed: {sorted(BASE_OPTIMIZERS)} "
                 "or a torch.optim.Optimizer subclass"
             )
-        return BASE_OPTIMIZERS[base.lower()]
+        cls, implied = BASE_OPTIMIZERS[base.lower()]
+        return cls, dict(implied)
     if isinstance(base, type) and issubclass(base, torch.optim.Optimizer):
-        return base
+        return base, {}
     raise ValueError(
         f"base optimizer must be a torch.optim.Optimizer subclass or one of "
         f"{sorted(BASE_OPTIMIZERS)}, got {base!r}"
@@ -62,11 +68,11 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         seed: int | None = None,
         **base_kwargs: Any,
     ) -> None:
-        base_cls = resolve_base_optimizer(base_optimizer)
+        base_cls, implied = resolve_base_optimizer(base_optimizer)
         params = list(params)
         if not params:
             raise ValueError("optimizer got an empty parameter list")
-        self.base_optimizer = base_cls(params, **base_kwargs)
+        self.base_optimizer = base_cls(params, **{**implied, **base_kwargs})
         # torch.optim.Optimizer.__init__ would build its own groups; we share the base's
         # so that an LR scheduler stepping this wrapper changes what the base uses.
         super().__init__(self.base_optimizer.param_groups, self.base_optimizer.defaults)
@@ -79,6 +85,31 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         self.phase_hook: PhaseHook | None = None
         # Device tensors (no .item()) describing the last step; the trainer averages them.
         self.last_stats: dict[str, torch.Tensor] = {}
+        # Forward/backward units per batch sample the last step ran (forward 1, backward 2;
+        # SGD 3): a host float, known without a device sync; the compute budget adds them up.
+        self.last_cost: float = 0.0
+
+    # -- what the trainer tells every method, and asks of it ---------------------
+    def set_progress(self, epochs_done: float, epochs_total: float) -> None:
+        """Called by the trainer before each step: training progress in (fractional) epochs.
+
+        Methods that decide per step (late-phase SAM, RST's schedule, AE-SAM's c_t, SAF's
+        epoch-indexed memory) read ``self.epochs_done`` / ``self.epochs_total``; under a compute
+        budget ``epochs_total`` is the run's own length in epochs, not a fixed count."""
+        self.epochs_done, self.epochs_total = float(epochs_done), float(epochs_total)
+
+    @property
+    def progress(self) -> float:
+        """Share of training done, in [0, 1] (0 before the trainer said anything)."""
+        total = getattr(self, "epochs_total", 0.0)
+        return min(1.0, max(0.0, getattr(self, "epochs_done", 0.0) / total)) if total > 0 else 0.0
+
+    def evaluation_weights(self) -> contextlib.AbstractContextManager:
+        """Context in which the model holds the weights to evaluate and to checkpoint.
+
+        The identity for every method that leaves the model at its iterate; a method that stores
+        perturbed weights between steps (MSAM) moves them back inside and restores on exit."""
+        return contextlib.nullcontext()
 
     # -- shared machinery -------------------------------------------------------
     def _phase(self, name: str) -> None:
@@ -153,8 +184,10 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
 
-class SGD(SharpnessAwareOptimizer):
-    """The base optimizer alone, behind the same ``step(closure)`` interface (one pass)."""
+class BaseOnly(SharpnessAwareOptimizer):
+    """The base optimizer alone (no sharpness-aware step), behind the same ``step(closure)``
+    interface: one forward and one backward. ``BaseOnly(params, 'sgd', momentum=0.9)`` is the
+    paper's SGD baseline; ``BaseOnly(params, 'adamw')`` is plain AdamW."""
 
     def step(self, closure: Closure, *, grad_scaler=None) -> torch.Tensor:
         self.zero_grad()
@@ -164,4 +197,16 @@ class SGD(SharpnessAwareOptimizer):
         self._base_step(grad_scaler)
         self._phase("end")
         self.last_stats = {}
+        self.last_cost = 3.0
         return losses.detach()
+
+
+SGD = BaseOnly  # the name the paper's tables use for the baseline (registry key "sgd")
+
+
+register_method(MethodInfo(
+    name="sgd", cls=BaseOnly,
+    paper="the base optimizer alone (SGD with momentum in the paper's tables)",
+    cost_units=lambda **_: 3.0,
+    description="one forward and one backward, then the base optimizer's step",
+))

@@ -8,6 +8,7 @@ from typing import Any, Iterable
 import torch
 
 from esam.optim.base import Closure
+from esam.optim.registry import MethodInfo, register_method
 from esam.optim.sam import SAM
 
 
@@ -72,3 +73,22 @@ class ESAM(SAM):
             indices = torch.topk(rise, k, sorted=False).indices
             sharpness = rise.mean()
         return indices.clone(), sharpness.clone()
+
+
+def esam_cost(beta: float, gamma: float, **_: Any) -> float:
+    """first forward 1; first backward 1 + beta (SWP skips the other tensors' weight grads);
+    the no-grad selection forward 1 (none at gamma = 1); second forward/backward 3 * gamma."""
+    return 1 + (1 + beta) + (1 if gamma < 1 else 0) + 3 * gamma
+
+
+register_method(MethodInfo(
+    name="esam", cls=ESAM,
+    paper="Du et al., Efficient Sharpness-aware Minimization for Improved Training of Neural "
+          "Networks, ICLR 2022 (arXiv 2110.03141)",
+    cost_units=esam_cost,
+    hparams={"rho": 0.05, "beta": 0.6, "gamma": 0.5, "adaptive": False},
+    stats={"sharpness": "mean loss rise L(w+e) - L(w) over the batch",
+           "sample_frac": "share of the batch in the second pass (SDS)",
+           "param_frac": "share of tensors perturbed (SWP)"},
+    description="SAM with Stochastic Weight Perturbation (beta) and Sharpness-sensitive Data Selection (gamma)",
+))

@@ -7,6 +7,7 @@ from typing import Any, Iterable
 import torch
 
 from esam.optim.base import Closure, SharpnessAwareOptimizer
+from esam.optim.registry import MethodInfo, register_method
 
 
 class SAM(SharpnessAwareOptimizer):
@@ -94,11 +95,12 @@ class SAM(SharpnessAwareOptimizer):
         self._base_step(grad_scaler)
         self._phase("end")
         n = losses_w.shape[0]
-        self.last_stats = {
-            "sharpness": sharpness,
-            "sample_frac": losses_e.shape[0] / n,
-            "param_frac": len(participants) / max(1, len(participants) + len(frozen)),
-        }
+        sample_frac = losses_e.shape[0] / n
+        param_frac = len(participants) / max(1, len(participants) + len(frozen))
+        self.last_stats = {"sharpness": sharpness, "sample_frac": sample_frac, "param_frac": param_frac}
+        # first forward 1 + first backward (input grads 1, weight grads only where drawn) +
+        # selection forward (if any) + second forward/backward on the kept samples.
+        self.last_cost = 1.0 + 1.0 + param_frac + (1.0 if sample_frac < 1 else 0.0) + 3.0 * sample_frac
         return losses_w
 
     @torch.no_grad()
@@ -159,3 +161,13 @@ def _by_device(tensors: list[torch.Tensor]) -> dict[torch.device, list[int]]:
     for i, t in enumerate(tensors):
         out[t.device].append(i)
     return out
+
+
+register_method(MethodInfo(
+    name="sam", cls=SAM,
+    paper="Foret et al., Sharpness-Aware Minimization, ICLR 2021 (adaptive: Kwon et al., ASAM, ICML 2021)",
+    cost_units=lambda **_: 6.0,
+    hparams={"rho": 0.05, "adaptive": False},
+    stats={"sharpness": "mean loss rise L(w+e) - L(w) over the batch"},
+    description="gradient at w, ascend to w+e (e = rho g/||g||), gradient there, restore w, base step",
+))
