@@ -126,11 +126,22 @@ def git_commit() -> str:
         return "unknown"
 
 
-def device_name(device: torch.device) -> str:
+def device_name(device: torch.device, cpuinfo: str | Path = "/proc/cpuinfo") -> str:
+    """The hardware's model name (GPU name, or the CPU's "model name" from /proc/cpuinfo), so
+    throughput is never compared across machines that share an architecture like ``x86_64``."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
+    try:
+        for line in Path(cpuinfo).read_text().splitlines():
+            if line.startswith("model name") and ":" in line:
+                name = line.split(":", 1)[1].strip()
+                if name:
+                    return name
+    except OSError:  # not Linux, or no /proc
+        pass
     import platform
 
+    # macOS/Windows: processor() names the CPU there; machine() is only the architecture.
     return platform.processor() or platform.machine() or "cpu"
 
 

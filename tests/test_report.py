@@ -203,3 +203,36 @@ def test_wandb_runs_convert_to_the_same_rows():
     assert push_extra_vs_sgd(kept, frame) == 4
     assert runs[2].summary.pushed == {"perf/extra_vs_sgd_pct": pytest.approx(100.0)}
     assert runs[0].summary["perf/extra_vs_sgd_pct"] == pytest.approx(0.0)
+
+
+# -- hardware labels (issue 15 item 5) ----------------------------------------------------------
+def test_device_name_is_the_cpu_model_not_the_architecture(tmp_path, monkeypatch):
+    import platform
+
+    import torch
+
+    from esam.runtime import device_name
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13 64-Core Processor\n")
+    assert device_name(torch.device("cpu"), cpuinfo=info) == "AMD EPYC 7B13 64-Core Processor"
+    # No /proc/cpuinfo (macOS, Windows): what the platform names the processor.
+    monkeypatch.setattr(platform, "processor", lambda: "arm")
+    assert device_name(torch.device("cpu"), cpuinfo=tmp_path / "absent") == "arm"
+    if Path("/proc/cpuinfo").is_file() and "model name" in Path("/proc/cpuinfo").read_text():
+        assert device_name(torch.device("cpu")) not in ("x86_64", "", "cpu")
+
+
+def test_sgd_baseline_never_crosses_hardware_labels(tmp_path):
+    cpu = {"device": "cpu", "precision": "fp32", "num_threads": 2}
+    # An old summary (label x86_64) and a new one (CPU model) of SGD; SAM only on the new machine.
+    write_run(tmp_path / "old-sgd", summary("digits", "m", "sgd", 0, 90.0, 90.0, 1000.0, **cpu, device_name="x86_64"))
+    write_run(tmp_path / "new-sam", summary("digits", "m", "sam", 0, 91.0, 91.0, 400.0, **cpu, device_name="AMD EPYC 7B13"))
+    t = summarize(load_runs([tmp_path])[0]).set_index("optimizer")
+    assert t.loc["sgd"].hardware == "x86_64, fp32, 2 thr"
+    assert t.loc["sam"].hardware == "AMD EPYC 7B13, fp32, 2 thr"
+    assert math.isnan(t.loc["sam"].compute_vs_sgd_pct)  # no SGD on that machine: no ratio
+    write_run(tmp_path / "new-sgd", summary("digits", "m", "sgd", 0, 90.0, 90.0, 800.0, **cpu, device_name="AMD EPYC 7B13"))
+    t = summarize(load_runs([tmp_path])[0])
+    sam = t[t.optimizer == "sam"].iloc[0]
+    assert sam.compute_vs_sgd_pct == pytest.approx(200.0)  # 800/400, not against the x86_64 SGD's 1000
