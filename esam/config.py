@@ -64,6 +64,7 @@ class ImageNetConfig(DatasetConfig):
 @dataclass
 class DigitsConfig(DatasetConfig):
     test_size: float = 0.2       # held-out fraction
+    label_noise: float = 0.0     # fraction of training labels flipped to another class (fixed set)
 
 
 @dataclass

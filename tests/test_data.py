@@ -166,3 +166,33 @@ def test_cutout_prob_cuts_that_fraction_of_images():
     cut = lambda loader: (next(loader.batches(0))[0] == 0).flatten(1).any(1).float().mean().item()  # noqa: E731
     assert cut(every.train) == 1.0
     assert 0.4 < cut(half.train) < 0.6
+
+
+def _digits_labels(**kw) -> tuple[torch.Tensor, torch.Tensor]:
+    """All training and test labels of a digits build, in dataset order."""
+    data = build_data("digits", batch_size=32, test_batch_size=1000, **kw)
+    return data.train.labels.cpu(), next(data.test.batches(0))[1].cpu()
+
+
+@pytest.mark.parametrize("rate", [0.2, 0.4])
+def test_digits_label_noise_flips_exactly_that_fraction_of_training_labels(rate):
+    clean_train, clean_test = _digits_labels()
+    noisy_train, noisy_test = _digits_labels(label_noise=rate)
+    flipped = noisy_train != clean_train
+    assert flipped.sum().item() == round(rate * 1437)  # exactly, and every chosen label changed
+    assert torch.equal(noisy_test, clean_test)  # test labels stay clean
+    assert noisy_train.min() >= 0 and noisy_train.max() <= 9
+    # Symmetric: the new labels spread over all the other classes, not one neighbour.
+    assert len(set((noisy_train[flipped] - clean_train[flipped]).remainder(10).tolist())) == 9
+
+
+def test_digits_label_noise_is_one_set_for_every_run_seed():
+    a, _ = _digits_labels(label_noise=0.2, seed=0)
+    b, _ = _digits_labels(label_noise=0.2, seed=7)  # the run seed must not move the noise
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("rate", [-0.1, 1.0, 1.5])
+def test_digits_label_noise_outside_0_1_is_a_user_error(rate):
+    with pytest.raises(UserError, match=r"dataset.label_noise=.* must be a fraction in \[0, 1\)"):
+        build_data("digits", batch_size=32, test_batch_size=100, label_noise=rate)
