@@ -1,6 +1,7 @@
 """Process-level plumbing the trainer needs: device, precision, distributed, seeds, atomic files."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -106,6 +107,13 @@ def set_rng_states(states: dict[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def autocast_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """A fresh context for one forward at ``precision`` (resolved, see ``resolve_precision``):
+    bf16/fp16 = autocast to that dtype on ``device``; fp32 (and tf32) = no autocast."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(getattr(precision, "value", precision)))
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def sync(device: torch.device) -> None:
