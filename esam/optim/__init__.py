@@ -5,12 +5,13 @@ losses (autograd on) for the whole batch or for ``indices``. Every method regist
 itself in :data:`METHODS` (name, class, cost in forward/backward units, logged stats).
 """
 from esam.optim.base import BASE_OPTIMIZERS, SGD, BaseOnly, SharpnessAwareOptimizer, resolve_base_optimizer
+from esam.optim.closure import BatchClosure, make_closure
 from esam.optim.esam import ESAM
 from esam.optim.registry import (METHODS, MethodInfo, build_from_spec, build_optimizer, get_method,
                                   optimizer_kwargs, register_method)
 from esam.optim.sam import SAM
 
-__all__ = ["SGD", "BaseOnly", "SAM", "ESAM", "SharpnessAwareOptimizer", "BASE_OPTIMIZERS",
+__all__ = ["make_closure", "BatchClosure", "SGD", "BaseOnly", "SAM", "ESAM", "SharpnessAwareOptimizer", "BASE_OPTIMIZERS",
            "resolve_base_optimizer", "METHODS", "MethodInfo", "build_optimizer", "build_from_spec",
            "optimizer_kwargs", "get_method",
            "register_method"]
