@@ -16,7 +16,7 @@ NOTE = (
     "Forward pass of one image at each model's native input, counted by "
     "`torch.utils.flop_counter.FlopCounterMode` (convolutions and matmuls only). "
     "FLOPs count 2 per multiply-add; papers that quote ResNet-50 at 4.1 \"GFLOPs\" mean GMACs. "
-    "`timm` is shown with its default `model.name=resnet18`."
+    "`timm` is shown with its default `model.args.model_name=resnet18`."
 )
 
 
