@@ -40,7 +40,8 @@ class BatchClosure:
             logits = self.model(xb)
         if self.first_logits is None:
             self.first_logits = logits.detach()
-        losses = F.cross_entropy(logits.float(), yb, reduction="none",
+        # Half-precision logits are scored in fp32; fp32/fp64 ones keep their precision.
+        losses = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), yb, reduction="none",
                                  label_smoothing=self.label_smoothing)
         if self.on_forward_end is not None:
             self.on_forward_end()
