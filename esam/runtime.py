@@ -77,7 +77,8 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
 def resolve_precision(name: str, device: torch.device) -> str:
     """'auto' = bf16 autocast where the device runs it natively (AMX/AVX512-BF16 CPUs, Ampere+
-    GPUs), else fp16 on older GPUs and fp32 on older CPUs."""
+    GPUs), else fp16 on older GPUs and fp32 on older CPUs. 'tf32' = fp32 with TF32 matmuls on
+    CUDA (the caller sets the backend flags), plain fp32 on the CPU."""
     name = str(getattr(name, "value", name))
     if name == "auto":
         if device.type == "cuda":
@@ -85,6 +86,8 @@ def resolve_precision(name: str, device: torch.device) -> str:
         return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
     if name == "fp16" and device.type != "cuda":
         raise UserError("precision=fp16 needs CUDA (autocast + GradScaler); use bf16 or fp32 on the CPU")
+    if name == "tf32" and device.type != "cuda":
+        return "fp32"  # TF32 is a CUDA tensor-core format; the CPU computes plain fp32
     return name
 
 

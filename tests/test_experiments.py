@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,28 @@ def test_recipe_composes_with_the_paper_values(name):
         assert aug.cutout == 0 and aug.flip
     else:
         assert (aug.crop_padding, aug.flip, aug.cutout) == (4, True, 16)
+        authors_recipe_switches(cfg, model, method)
+
+
+def authors_recipe_switches(cfg, model: str, method: str) -> None:
+    """CIFAR recipes run what dydjw9/Efficient_SAM ran (docs/fidelity.md): fp32 (TF32 on CUDA),
+    one perturbation per 64 samples, BN statistics from every pass, the authors' SDS rule and
+    eps, PyTorch's default init for their ResNet-18."""
+    assert str(cfg.trainer.precision.value) == "tf32"
+    assert cfg.model.args.get("init") == ("pytorch" if model == "resnet18" else None)
+    if method != "sgd":
+        o = cfg.optimizer
+        assert (o.m, str(o.bn_stats.value)) == (64, "all")
+        assert cfg.dataset.batch_size % o.m == 0
+    if method == "esam":
+        assert (str(cfg.optimizer.selection.value), cfg.optimizer.eps) == ("authors", 1e-7)
+
+
+def test_fidelity_switches_show_in_the_printed_job_config():
+    out = subprocess.run([sys.executable, "-m", "esam.train", "experiment=cifar10_resnet18_esam", "--cfg", "job"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120).stdout
+    for line in ("precision: tf32", "init: pytorch", "m: 64", "bn_stats: all", "selection: authors"):
+        assert line in out
 
 
 @pytest.mark.parametrize("name", ["cifar10_resnet18_esam", "imagenet_resnet50_sam", "cifar100_pyramidnet110_sgd"])

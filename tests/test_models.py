@@ -165,3 +165,17 @@ def test_model_table_counts_flops_per_image_by_hand():
     table = model_table(["resnet_digits"]).splitlines()
     assert table[0].startswith("| model |") and len(table) == 3
     assert table[2] == f"| resnet_digits | 1×8×8 | 10 | 77,290 | {2 * macs / 1e9:.3f} | {macs / 1e9:.3f} |"
+
+
+def test_resnet18_init_switch_gives_the_authors_default_init():
+    """model.args.init=pytorch keeps PyTorch's layer init (the ESAM authors' model/resnet.py):
+    conv weight norm 40.0 at init vs 87.7 with our Kaiming fan_out default."""
+    def conv_norm(init: str) -> float:
+        torch.manual_seed(0)
+        m = build_model("resnet18", num_classes=10, init=init)
+        return float(torch.sqrt(sum((p ** 2).sum() for p in m.parameters() if p.ndim == 4)))
+
+    assert conv_norm("kaiming") == pytest.approx(87.7, abs=0.1)
+    assert conv_norm("pytorch") == pytest.approx(40.0, abs=0.1)
+    with pytest.raises(UserError, match="model.args.init='xavier' is not one of kaiming, pytorch"):
+        build_model("resnet18", num_classes=10, init="xavier")

@@ -76,7 +76,8 @@ def optimizer_kwargs(spec: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     ``{"name": "esam", "label": ..., "lr": 0.05, "weight_decay": 1e-3, "base": {"name": "sgd",
     "momentum": 0.9}, "rho": 0.05, ...}`` -> ``("esam", {"base_optimizer": "sgd", "lr": 0.05,
     "weight_decay": 1e-3, "momentum": 0.9, "rho": 0.05, ...})``."""
-    spec = dict(spec)
+    # Config enums (str subclasses) become their plain values.
+    spec = {k: getattr(v, "value", v) for k, v in spec.items()}
     name = spec.pop("name")
     spec.pop("label", None)
     base = dict(spec.pop("base", None) or {"name": "sgd"})
