@@ -14,8 +14,9 @@ from omegaconf import MISSING
 
 
 class Precision(str, Enum):
-    auto = "auto"  # bf16 autocast where the device supports it, else fp32
+    auto = "auto"  # bf16 autocast where the hardware runs bf16 natively, else fp32 (fp16 on old GPUs)
     fp32 = "fp32"
+    tf32 = "tf32"  # fp32 weights and activations, TF32 matmuls/convs on CUDA (Ampere+); fp32 on CPU
     bf16 = "bf16"
     fp16 = "fp16"  # CUDA only: autocast + GradScaler
 
@@ -121,16 +122,30 @@ class OptimizerConfig:
     base: Any = MISSING          # conf/optimizer/base/<name>.yaml: the base optimizer and its own args
 
 
+class BNStats(str, Enum):
+    first = "first"  # running statistics from the first pass only (ours)
+    all = "all"      # from every forward, as the ESAM authors' code
+
+
+class Selection(str, Enum):
+    topk = "topk"        # exactly int(gamma * n) samples (ours)
+    authors = "authors"  # strictly above the k-th largest rise, all at gamma >= 0.99 (authors' code)
+
+
 @dataclass
 class SAMConfig(OptimizerConfig):
     rho: float = 0.05
     adaptive: bool = False
+    m: Optional[int] = None      # m-sharpness: samples per perturbation (null = the whole per-process batch)
+    bn_stats: BNStats = BNStats.first
+    eps: float = 1e-12           # in rho / (||g|| + eps); davda54/sam 1e-12, the ESAM authors 1e-7
 
 
 @dataclass
 class ESAMConfig(SAMConfig):
     beta: float = 0.6
     gamma: float = 0.5
+    selection: Selection = Selection.topk
 
 
 @dataclass
@@ -178,3 +193,97 @@ def register_configs() -> None:
 
 
 register_configs()
+
+
+# -- the overhead benchmark (python -m esam.bench; conf/bench.yaml) ---------------------------
+class BenchMode(str, Enum):
+    methods = "methods"  # the methods listed in ``methods``, side by side
+    grid = "grid"        # grid.method over grid.betas x grid.gammas, next to ``baseline``
+
+
+@dataclass
+class BenchGridConfig:
+    method: str = "esam"   # a method (conf/optimizer option or variant) whose beta and gamma the grid sets
+    betas: List[float] = field(default_factory=lambda: [0.4, 0.6, 0.8, 1.0])
+    gammas: List[float] = field(default_factory=lambda: [0.3, 0.5, 0.7, 1.0])
+
+
+@dataclass
+class BenchWindowConfig:
+    """The stretch of training the bench's steps stand for: each pass spreads its steps evenly
+    from ``start`` to ``end`` (fractions of training) through ``opt.set_progress``, so a method
+    whose steps vary with progress (late-phase SAM, RST's schedule, AE-SAM's c_t) is timed over
+    a realistic mix of its steps."""
+    start: float = 0.0
+    end: float = 1.0
+    epochs: int = 200      # the run length set_progress reports (epochs_total)
+
+
+@dataclass
+class BenchConfig:
+    dataset: DatasetConfig = MISSING
+    model: ModelConfig = MISSING
+    logger: LoggerConfig = MISSING
+    mode: BenchMode = BenchMode.methods
+    seed: int = 0
+    device: str = "auto"                  # auto | cpu | cuda | cuda:N
+    precision: Precision = Precision.auto
+    num_threads: int = 0                  # CPU threads for torch; 0 = torch's default
+    methods: List[str] = field(default_factory=list)  # conf/optimizer options or keys of variants
+    baseline: str = "sgd"
+    # name -> {optimizer: <conf/optimizer option>, <key>: value, ...}: a method with other settings
+    variants: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    common: Dict[str, Any] = field(default_factory=dict)  # merged onto every method's optimizer config
+    window: BenchWindowConfig = field(default_factory=BenchWindowConfig)
+    steps: int = 2                        # timed steps per method per block
+    repeats: int = 32                     # blocks per method
+    warmup_steps: int = 3
+    phase_steps: int = 3                  # steps of the per-phase pass (0 = skip it)
+    flop_steps: int = 4                   # steps whose FLOPs are counted and averaged
+    num_batches: int = 4                  # distinct batches, cycled
+    max_foreign_cpu: float = 0.1          # leave out blocks where other processes used more CPU
+    grid: BenchGridConfig = field(default_factory=BenchGridConfig)
+    results_dir: Optional[str] = None     # null = the run folder (outputs/bench/<time>/)
+    publish: bool = False                 # true = write into results/bench/ (the committed results)
+    tag: str = ""                         # appended to the file names
+    plot: bool = True
+
+
+ConfigStore.instance().store(name="bench_schema", node=BenchConfig)
+
+
+# -- the efficient-SAM field (issue 12): LookSAM, GSAM, K-SAM ---------------------------------
+# Their own rho/adaptive (not SAMConfig's), so SAM's m-sharpness keys never reach them.
+@dataclass
+class LookSAMConfig(OptimizerConfig):
+    rho: float = 0.05
+    adaptive: bool = False
+    k: int = 5                   # a SAM step every k steps
+    alpha: float = 0.1           # weight of the reused orthogonal component g_v
+
+
+@dataclass
+class GSAMConfig(OptimizerConfig):
+    rho: float = 0.04            # rho_max: the radius at the peak lr
+    rho_min: float = 0.02        # the radius at lr_min
+    alpha: float = 0.01          # ascent along the part of g orthogonal to g_s
+    lr_min: float = 0.0
+    adaptive: bool = False
+
+
+@dataclass
+class KSAMConfig(OptimizerConfig):
+    rho: float = 0.05
+    k_frac: float = 0.1          # share of the batch (highest loss) in both SAM passes
+    k: int = 0                   # a fixed count instead; 0 = use k_frac
+    adaptive: bool = False
+
+
+def register_efficient_sam_configs() -> None:
+    cs = ConfigStore.instance()
+    for name, node in (("looksam_schema", LookSAMConfig), ("gsam_schema", GSAMConfig),
+                       ("ksam_schema", KSAMConfig)):
+        cs.store(group="optimizer", name=name, node=node)
+
+
+register_efficient_sam_configs()
