@@ -68,7 +68,7 @@ sweep-digits: install ## SGD/SAM/ESAM x seeds 0,1,2 on digits, CPU, a few minute
 sweep-ablation: install ## ESAM beta x gamma grid on CIFAR-10 ResNet-18 (conf/sweep/esam_ablation.yaml)
 	$(PYTHON) -m esam.train -m +sweep=esam_ablation $(ARGS)
 
-table: install ## Report of every run below RUNS (default: outputs multirun) into OUT (default: results/table)
+table: install ## Report of every run below RUNS (default: outputs multirun) into OUT (default: results/table); one row per configuration, a repeated seed counts once
 	$(PYTHON) -m esam.report $(RUNS) --out $(OUT)
 
 reproduce-digits: install ## The CPU reproduction in results/digits: digits sweep, then its report

@@ -11,7 +11,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 
 from esam.errors import UserError
-from esam.report import markdown_table, runs_frame, summarize
+from esam.report import cell_table, cells_markdown, runs_frame
 from esam.train import CONFIG_DIR, run
 
 METHODS = ("sgd", "sam", "esam")
@@ -30,7 +30,7 @@ def demo(overrides: list[str], out_root: Path) -> list[dict]:
 
 def format_table(summaries: list[dict]) -> str:
     """The same table `python -m esam.report` writes, for these runs (one seed each)."""
-    return markdown_table(summarize(runs_frame(summaries)))
+    return cells_markdown(cell_table(runs_frame(summaries)))
 
 
 def main(argv: list[str] | None = None) -> None:

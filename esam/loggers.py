@@ -10,9 +10,9 @@ from typing import Any
 
 from esam.errors import UserError
 
-PREFIXES = ("train", "test", "perf", "sam", "time")
+PREFIXES = ("train", "test", "perf", "sam", "time", "compute")
 # Keys without a prefix of their own; esam.report and the dashboard read these names.
-RENAMED = {"img_per_s": "perf/img_per_s", "step_ms": "perf/step_ms"}
+RENAMED = {"img_per_s": "perf/img_per_s", "step_ms": "perf/step_ms", "wall_time_s": "perf/wall_time_s"}
 
 
 def wandb_key(key: str) -> str:
@@ -21,6 +21,15 @@ def wandb_key(key: str) -> str:
         return RENAMED[key]
     head, _, tail = key.partition("_")
     return f"{head}/{tail}" if head in PREFIXES and tail else key
+
+
+def summary_key(key: str) -> str:
+    """The inverse of :func:`wandb_key`: ``test/acc_best`` -> ``test_acc_best``."""
+    for ours, theirs in RENAMED.items():
+        if key == theirs:
+            return ours
+    head, _, tail = key.partition("/")
+    return f"{head}_{tail}" if head in PREFIXES and tail else key
 
 
 class NullLogger:

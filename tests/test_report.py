@@ -3,6 +3,7 @@ the right rows; wandb runs convert to the same rows (fake API objects, no networ
 from __future__ import annotations
 
 import json
+import os
 import math
 import statistics
 from pathlib import Path
@@ -12,8 +13,8 @@ import pytest
 
 from esam.errors import UserError
 from esam.loggers import wandb_key
-from esam.report import (PAPER, load_runs, load_wandb, markdown_table, push_extra_vs_sgd, row_from_wandb,
-                         summarize, write_report)
+from esam.report import (PAPER, cell_table, cells_markdown, load_runs, load_wandb, push_extra_vs_sgd, row_from_wandb, runs_frame,
+                         select_runs, write_report)
 from esam.train import run
 from conftest import FAST, compose_cfg, run_cli
 
@@ -59,7 +60,7 @@ def hand_written(tmp_path: Path) -> Path:
 def test_hand_written_summaries_give_exact_table(hand_written, tmp_path):
     runs, curves = load_runs([hand_written])
     assert len(runs) == 10 and len(curves) == 9 * 3 + 1
-    t = summarize(runs).set_index(["dataset", "optimizer"])
+    t = cell_table(runs).set_index(["dataset", "optimizer"])
     sgd, sam, esam = t.loc[("cifar10", "sgd")], t.loc[("cifar10", "sam")], t.loc[("cifar10", "esam")]
     assert (sgd.n, sgd.seeds) == (3, "0,1,2")
     assert sgd.acc_best_mean == pytest.approx(95.5) and sgd.acc_best_std == pytest.approx(0.5)  # ddof=1
@@ -77,16 +78,19 @@ def test_hand_written_summaries_give_exact_table(hand_written, tmp_path):
 
     files = write_report(runs, curves, tmp_path / "out", command="python -m esam.report runs")
     md = files["md"].read_text()
-    assert "| cifar10 | resnet18 | NVIDIA A100, bf16 | SGD |  |  |  | 128 | 200 | 3 | 95.50 ± 0.50 | 95.40 ± 0.50 | 1000 ± 0 | 100% | 100.0% |" in md
-    assert "| SAM | 0.05 |  |  | 128 | 200 | 3 | 96.50 ± 0.50 | 96.40 ± 0.40 | 500 ± 0 | 200% | 200.0% |" in md
-    assert "| synthetic | resnet18 | x86_64, fp32, 2 thr | ESAM | 0.05 | 0.6 | 0.5 | 128 | 200 | 1 | 10.00 | 9.00 | 300 |  |  |" in md
+    assert ("| cifar10_resnet18 | cifar10 | resnet18 | NVIDIA A100, bf16 | SGD |  | 128 | 200 | 3 | 95.50 ± 0.50 | "
+            "95.40 ± 0.50 | 1000 ± 0 | 100% | 100.0% |") in md
+    assert "| SAM | rho=0.05 | 128 | 200 | 3 | 96.50 ± 0.50 | 96.40 ± 0.40 | 500 ± 0 | 200% | 200.0% |" in md
+    assert ("| synthetic_resnet18 | synthetic | resnet18 | x86_64, fp32, 2 thr | ESAM | beta=0.6 gamma=0.5 rho=0.05 | "
+            "128 | 200 | 1 | 10.00 | 9.00 | 300 |  |  |") in md
     assert "Du et al. 2022, abstract" in md and "python -m esam.report runs" in md
+    assert "from 10 runs: 10 used, 0 left out" in md and "No runs with `trainer.budget`" in md
     # Method order within a block: SGD, SAM, ESAM.
-    assert md.index("| SGD |") < md.index("| SAM |") < md.index("| ESAM | 0.05 | 0.6 | 0.5 | 128 | 200 | 3")
+    assert md.index("| SGD |") < md.index("| SAM |") < md.index("| ESAM | beta=0.6 gamma=0.5 rho=0.05 | 128 | 200 | 3")
     csv = pd.read_csv(files["csv"])
     assert len(csv) == 4 and set(csv.optimizer) == {"sgd", "sam", "esam"}
     per_run = pd.read_csv(files["runs"])
-    assert len(per_run) == 10
+    assert len(per_run) == 10 and per_run.used.all()
     assert per_run[per_run.optimizer == "sam"].extra_vs_sgd_pct.tolist() == pytest.approx([100.0] * 3)
     for png in ("acc_vs_throughput", "curves"):
         assert files[png].stat().st_size > 1000
@@ -97,7 +101,7 @@ def test_seeds_of_different_settings_are_not_pooled(tmp_path):
         s = summary("digits", "resnet_digits", "esam", seed, 90.0 + seed, 90.0, 100.0)
         s["beta"] = beta
         write_run(tmp_path / f"r{seed}", s)
-    t = summarize(load_runs([tmp_path])[0])
+    t = cell_table(load_runs([tmp_path])[0])
     assert sorted(zip(t.beta, t.n)) == [(0.6, 2), (0.8, 1)]
 
 
@@ -166,7 +170,8 @@ def logged_run(run_id: str, optimizer: str, seed: int, acc: float, img_s: float)
     wb_summary = {wandb_key(k): v for k, v in s.items() if isinstance(v, (int, float, str))}
     config = {"seed": seed, "experiment_name": "cifar10_resnet18",
               "dataset": {"name": "cifar10", "batch_size": 128},
-              "model": {"name": "resnet18"}, "optimizer": {"name": optimizer}, "trainer": {"epochs": 200}}
+              "model": {"name": "resnet18"}, "trainer": {"epochs": 200},
+              "optimizer": {"name": optimizer, **{k: s[k] for k in ("rho", "beta", "gamma") if s[k] is not None}}}
     history = [{"epoch": 1, "test/acc": acc - 5, "train/loss": 1.0, "_step": 0},
                {"epoch": 2, "test/acc": acc, "train/loss": 0.5, "_step": 1}]
     return FakeRun(run_id, wb_summary, config, history)
@@ -185,7 +190,7 @@ def test_wandb_runs_convert_to_the_same_rows():
     old = FakeRun("d", {"test/acc_best": 97.0, "img_per_s": 500.0, "precision": "bf16", **GPU},
                   {"dataset": {"value": {"name": "cifar10", "batch_size": 128}}, "model": {"value": {"name": "resnet18"}},
                    "optimizer": {"value": {"name": "sam", "rho": 0.05}}, "seed": {"value": 1},
-                   "trainer": {"value": {"epochs": 200}}})
+                   "trainer": {"value": {"epochs": 200}}, "experiment_name": {"value": "cifar10_resnet18"}})
     junk = FakeRun("e", {"loss": 1.0}, {})  # not a run of this benchmark
     api = FakeApi(runs + [old, junk])
     frame, curves, kept = load_wandb("ent/proj", group="cifar10_resnet18", api=api)
@@ -193,12 +198,12 @@ def test_wandb_runs_convert_to_the_same_rows():
     assert [r.id for r in kept] == ["a", "b", "c", "d"]
     assert row_from_wandb(junk) is None
     assert frame.source.tolist()[0] == "wandb:ent/proj/a"
-    t = summarize(frame).set_index("optimizer")
+    t = cell_table(frame).set_index("optimizer")
     assert t.loc["sgd"].n == 2 and t.loc["sgd"].acc_best_mean == pytest.approx(95.5)
     assert t.loc["sgd"].acc_best_std == pytest.approx(statistics.stdev([95.0, 96.0]))
     assert t.loc["sam"].n == 2 and t.loc["sam"].compute_vs_sgd_pct == pytest.approx(200.0)
     assert len(curves) == 3 * 2 and set(curves.epoch) == {1, 2}  # the old run has no history
-    assert "| SAM | 0.05 |" in markdown_table(summarize(frame))
+    assert "| SAM | rho=0.05 |" in cells_markdown(cell_table(frame))
 
     assert push_extra_vs_sgd(kept, frame) == 4
     assert runs[2].summary.pushed == {"perf/extra_vs_sgd_pct": pytest.approx(100.0)}
@@ -228,11 +233,79 @@ def test_sgd_baseline_never_crosses_hardware_labels(tmp_path):
     # An old summary (label x86_64) and a new one (CPU model) of SGD; SAM only on the new machine.
     write_run(tmp_path / "old-sgd", summary("digits", "m", "sgd", 0, 90.0, 90.0, 1000.0, **cpu, device_name="x86_64"))
     write_run(tmp_path / "new-sam", summary("digits", "m", "sam", 0, 91.0, 91.0, 400.0, **cpu, device_name="AMD EPYC 7B13"))
-    t = summarize(load_runs([tmp_path])[0]).set_index("optimizer")
+    t = cell_table(load_runs([tmp_path])[0]).set_index("optimizer")
     assert t.loc["sgd"].hardware == "x86_64, fp32, 2 thr"
     assert t.loc["sam"].hardware == "AMD EPYC 7B13, fp32, 2 thr"
     assert math.isnan(t.loc["sam"].compute_vs_sgd_pct)  # no SGD on that machine: no ratio
     write_run(tmp_path / "new-sgd", summary("digits", "m", "sgd", 0, 90.0, 90.0, 800.0, **cpu, device_name="AMD EPYC 7B13"))
-    t = summarize(load_runs([tmp_path])[0])
+    t = cell_table(load_runs([tmp_path])[0])
     sam = t[t.optimizer == "sam"].iloc[0]
     assert sam.compute_vs_sgd_pct == pytest.approx(200.0)  # 800/400, not against the x86_64 SGD's 1000
+
+
+# -- one cell = one configuration; a repeated seed counts once (issue 15 item 3) ---------------
+def digits_run(experiment: str, optimizer: str, seed: int, acc: float, *, lr: float = 0.05, noise: float = 0.0,
+               finished: float | None = None, **extra) -> dict:
+    """A summary as the trainer writes it (with the resolved config), on digits, CPU."""
+    s = summary("digits", "resnet_digits", optimizer, seed, acc, acc, 1000.0, device="cpu",
+                device_name="AMD EPYC 7B13", precision="fp32", num_threads=1, experiment=experiment, epochs=30,
+                **extra)
+    s["config"] = {"experiment_name": experiment, "seed": seed,
+                   "dataset": {"name": "digits", "root": "data", "batch_size": 128, "test_size": 0.2,
+                               "label_noise": noise},
+                   "optimizer": {"name": optimizer, "label": optimizer, "lr": lr, "weight_decay": 1e-3,
+                                 "base": {"name": "sgd", "momentum": 0.9},
+                                 **{k: s[k] for k in ("rho", "beta", "gamma") if s[k] is not None}},
+                   "trainer": {"epochs": 30, "budget": extra.get("budget")}}
+    if finished is not None:
+        s["finished_at"] = finished
+    return s
+
+
+def test_repeated_seed_counts_once_the_newest_with_a_warning(tmp_path, capsys):
+    """The issue's case: the demo-like default run, a rerun and a sweep's seed 0 of one
+    configuration were three samples (n=5 for seeds 0,1,2); now seed 0 counts once, the newest."""
+    for i, (acc, t) in enumerate(((80.0, 100.0), (85.0, 300.0), (90.0, 200.0))):
+        write_run(tmp_path / f"seed0-{i}", digits_run("digits", "sgd", 0, acc, finished=t))
+    for seed in (1, 2):
+        write_run(tmp_path / f"seed{seed}", digits_run("digits", "sgd", seed, 86.0 + seed, finished=50.0))
+    runs, _ = load_runs([tmp_path])
+    runs, warnings = select_runs(runs)
+    assert sorted(runs.source[~runs.used].map(lambda p: Path(p).name)) == ["seed0-0", "seed0-2"]
+    assert len(warnings) == 1 and "seed 0 appears in 3 runs" in warnings[0] and "seed0-1" in warnings[0]
+    t = cell_table(runs)
+    assert len(t) == 1 and (t.n.item(), t.seeds.item()) == (3, "0,1,2")
+    assert t.acc_best_mean.item() == pytest.approx((85.0 + 87.0 + 88.0) / 3)  # the newest seed-0 run (t=300)
+
+    # Without finished_at, the summary's modification time decides.
+    other = tmp_path / "mtime"
+    for name, acc, mtime in (("a", 70.0, 2_000_000_000), ("b", 75.0, 1_000_000_000)):
+        write_run(other / name, digits_run("x", "sam", 0, acc))
+        os.utime(other / name / "summary.json", (mtime, mtime))
+    assert cell_table(load_runs([other])[0]).acc_best_mean.item() == 70.0
+
+    out = tmp_path / "report"
+    proc = run_cli([str(tmp_path / f"seed{s}") for s in (1, 2)] + [str(tmp_path / f"seed0-{i}") for i in range(3)]
+                   + ["--out", str(out), "--no-plots"], module="esam.report")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("warning: seed 0 appears in 3 runs") == 1
+    per_run = pd.read_csv(out / "runs.csv")
+    assert per_run.used.sum() == 3 and len(per_run) == 5
+    assert set(per_run[~per_run.used].left_out.str.contains("seed0-1")) == {True}
+    md = (out / "table.md").read_text()
+    assert "from 5 runs: 3 used, 2 left out" in md and "seed0-0" in md.split("Left out")[1]
+
+
+def test_cells_split_by_experiment_hyperparameters_and_data(tmp_path):
+    runs = runs_frame([digits_run("demo", "sgd", 0, 80.0)]
+                      + [digits_run("digits", "sgd", s, 90.0 + s) for s in (0, 1, 2)]
+                      + [digits_run("digits", "sgd", 0, 70.0, lr=0.1)]
+                      + [digits_run("digits", "sgd", 0, 60.0, noise=0.2)])
+    runs, warnings = select_runs(runs)
+    assert warnings == [] and runs.used.all()  # same seed, different configurations: nothing repeated
+    t = cell_table(runs)
+    assert sorted(zip(t.experiment, t.n)) == [("demo", 1), ("digits", 1), ("digits", 1), ("digits", 3)]
+    md = cells_markdown(t)
+    # What tells the rows apart is printed: the experiment, the lr, the label noise.
+    assert "| demo | digits (label_noise=0) | resnet_digits |" in md
+    assert "| digits | digits (label_noise=0.2) |" in md and "| SGD | lr=0.1 |" in md
