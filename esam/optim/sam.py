@@ -263,6 +263,8 @@ register_method(MethodInfo(
     paper="Foret et al., Sharpness-Aware Minimization, ICLR 2021 (adaptive: Kwon et al., ASAM, ICML 2021)",
     cost_units=lambda **_: 6.0,
     hparams={"rho": 0.05, "adaptive": False, "m": None, "bn_stats": "first"},
-    stats={"sharpness": "mean loss rise L(w+e) - L(w) over the batch"},
+    stats={"sharpness": "mean loss rise L(w+e) - L(w) over the batch",
+           "sample_frac": "share of the batch in the second pass (1 for SAM)",
+           "param_frac": "share of tensors perturbed (1 for SAM)"},
     description="gradient at w, ascend to w+e (e = rho g/||g||), gradient there, restore w, base step",
 ))
