@@ -29,11 +29,11 @@ test: install ## The whole test suite, slow tests included (what CI runs)
 test-fast: install ## The test suite without tests marked slow
 	$(PYTHON) -m pytest -q -m "not slow" $(ARGS)
 
-bench: install ## Side-by-side overhead benchmark, SGD/SAM/ESAM on ResNet-18 (conf/bench.yaml; ARGS=overrides)
+bench: install ## Side-by-side overhead benchmark on ResNet-18 into outputs/bench/<time>/ (ARGS='publish=true' writes results/bench/)
 	$(PYTHON) -m esam.bench $(ARGS)
 
-bench-trainer: install ## Trainer's own SGD images/s vs the bench's bare SGD steps, interleaved (data pipeline check)
-	$(PYTHON) -m esam.trainer_bench --out results/bench/trainer-vs-bench $(ARGS)
+bench-trainer: install ## Trainer's SGD images/s vs the bench's bare SGD steps, interleaved (ARGS=--publish writes results/bench/)
+	$(PYTHON) -m esam.bench.pipeline $(ARGS)
 
 models: install ## Parameter counts and FLOPs of every model into results/models.md
 	$(PYTHON) scripts/model_table.py --output results/models.md

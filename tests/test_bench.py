@@ -1,4 +1,5 @@
-"""esam.bench on a tiny CPU setup: files and columns, FLOP relations, cost model, grid mode.
+"""esam.bench on a tiny CPU setup: files and columns, FLOP relations, cost model, grid mode,
+methods from the optimizer config group, the progress window, where the files go.
 
 Wall-clock numbers are never asserted (the machine may be busy); FLOP counts are
 shape-based and deterministic, so those are.
@@ -6,6 +7,7 @@ shape-based and deterministic, so those are.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -13,9 +15,12 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from esam.bench import Bench, cost_units, run
+from esam.bench import Bench, Method, MethodSpec, bench_rows, output_dir, run
+from esam.bench.runner import PUBLISH_DIR
 from esam.errors import UserError
-from esam.optim import ESAM, SAM, SGD
+from esam.optim import ESAM, METHODS, MethodInfo, get_method
+from esam.optim.base import SharpnessAwareOptimizer
+from conftest import run_cli
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 TINY = [
@@ -26,79 +31,102 @@ TINY = [
 ]
 
 
-def bench_cfg(tmp_path: Path, *overrides: str):
+def bench_cfg(tmp_path: Path | None, *overrides: str):
+    out = [f"results_dir={tmp_path}"] if tmp_path is not None else []
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose("bench", overrides=[*TINY, f"results_dir={tmp_path}", *overrides])
+        return compose("bench", overrides=[*TINY, *out, *overrides])
 
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    res = run(bench_cfg(out), log=lambda _: None)
-    return res, res["table"].set_index("method")
+    lines: list[str] = []
+    res = run(bench_cfg(out), log=lines.append)
+    return res, res["table"].set_index("method"), lines
 
 
 def test_every_method_runs_and_files_have_the_columns(result):
-    res, _ = result
+    res, _, _ = result
     files = res["files"]
     assert files["csv"].name == f"resnet_digits-cpu-fp32-torch{torch.__version__.split('+')[0]}.csv"
     df = pd.read_csv(files["csv"])
     assert list(df.method) == ["sgd", "sam", "esam", "esam_swp", "esam_sds"]
-    for col in ["ms_median", "ms_q25", "ms_q75", "ms_min", "ms_max", "images_per_s", "extra_pct",
-                "gflops_step", "gflops_fwd", "gflops_bwd", "extra_flops_pct", "cost_model_extra_pct",
-                "beta", "gamma", "blocks_used", "extra_pct_paired_median", "phase_ms.first_pass.fwd", "phase_ms.second_pass.bwd",
-                "phase_ms.select_forward.fwd", "precision", "channels_last", "batch_size", "torch"]:
+    assert list(df.optimizer) == ["sgd", "sam", "esam", "esam", "esam"]  # registry keys
+    for col in ["ms_median", "ms_mean", "ms_step", "stat", "ms_q25", "ms_q75", "ms_min", "ms_max", "images_per_s",
+                "extra_pct", "gflops_step", "gflops_fwd", "gflops_bwd", "extra_flops_pct", "cost_model_extra_pct",
+                "cost_units", "cost_measured", "cost_measured_extra_pct", "hparams",
+                "beta", "gamma", "blocks_used", "extra_pct_paired_median", "phase_ms.first_pass.fwd",
+                "phase_ms.second_pass.bwd", "phase_ms.select_forward.fwd", "precision", "channels_last",
+                "batch_size", "torch"]:
         assert col in df.columns, col
     assert df.loc[df.method == "sgd", "extra_pct"].item() == 0.0
     # Only ESAM with gamma < 1 has a selection forward; SGD has no second pass.
-    phases = json.loads(files["json"].read_text())["phase_ms"]
+    data = json.loads(files["json"].read_text())
+    phases = data["phase_ms"]
     assert "select_forward.fwd" in phases["esam"] and "select_forward.fwd" not in phases["sam"]
     assert "second_pass.fwd" not in phases["sgd"]
-    data = json.loads(files["json"].read_text())
     assert [len(blocks) for blocks in data["step_ms"].values()] == [2] * 5       # repeats
     assert all(len(b) == 2 for blocks in data["step_ms"].values() for b in blocks)  # steps
+    assert data["optimizers"]["esam_swp"]["gamma"] == 1.0   # composed from conf/optimizer/esam_swp.yaml
     assert files["png"].stat().st_size > 0
     md = files["md"].read_text()
-    assert "| method | ms/step |" in md and "| esam_sds |" in md
+    assert "| method | stat | ms/step |" in md and "| esam_sds |" in md
 
 
 def test_sam_counts_twice_the_flops_of_sgd(result):
-    _, t = result
+    _, t, _ = result
     assert t.loc["sam", "gflops_step"] / t.loc["sgd", "gflops_step"] == pytest.approx(2.0, rel=0.05)
     assert t.loc["sam", "extra_flops_pct"] == pytest.approx(100.0, abs=5.0)
 
 
 def test_esam_sample_selection_counts_fewer_flops_than_sam(result):
-    _, t = result
+    _, t, _ = result
     assert t.loc["esam", "gflops_step"] < t.loc["sam", "gflops_step"]
     assert t.loc["esam_sds", "gflops_step"] < t.loc["sam", "gflops_step"]
 
 
 def test_weight_perturbation_counts_fewer_backward_flops(result):
-    _, t = result
+    _, t, _ = result
     assert t.loc["esam", "gflops_bwd"] < t.loc["esam_sds", "gflops_bwd"]   # beta 0.6 vs 1, same gamma
     assert t.loc["esam_swp", "gflops_bwd"] < t.loc["sam", "gflops_bwd"]    # beta 0.6 vs 1, gamma 1
     assert t.loc["esam_swp", "gflops_fwd"] == t.loc["sam", "gflops_fwd"]   # forwards untouched
 
 
+def test_cost_model_comes_from_the_registry_and_sits_beside_the_measured_cost(result):
+    _, t, _ = result
+    assert t.loc["sgd", "cost_units"] == 3 and t.loc["sam", "cost_units"] == 6
+    assert t.loc["esam", "cost_units"] == pytest.approx(5.1)       # 1 + 1.6 + 1 + 1.5: +70 %
+    assert t.loc["esam_swp", "cost_units"] == pytest.approx(5.6)   # no selection forward
+    assert t.loc["esam_sds", "cost_units"] == pytest.approx(5.5)
+    assert t.loc["esam", "cost_model_extra_pct"] == pytest.approx(70.0)
+    for name in t.index:
+        assert t.loc[name, "cost_units"] == get_method(t.loc[name, "optimizer"]).expected_cost(
+            beta=t.loc[name, "beta"], gamma=t.loc[name, "gamma"])
+    # What the steps reported: exact for SGD/SAM and ESAM without SWP; SWP's draws vary around beta.
+    assert t.loc["sgd", "cost_measured"] == 3 and t.loc["sam", "cost_measured"] == 6
+    assert t.loc["esam_sds", "cost_measured"] == pytest.approx(5.5)
+    assert 4 < t.loc["esam", "cost_measured"] < 5.5
+    assert (t.stat == "median").all()  # none of these mixes steps of different passes
+
+
+def test_warm_up_and_flop_counting_print_progress(result):
+    _, _, lines = result
+    assert "flops: sgd step 1/2" in "\n".join(lines) and "flops: esam_sds step 2/2" in "\n".join(lines)
+    assert any(line.startswith("warm-up: step 1/1") for line in lines)
+    # They come before the first timed repeat, so a slow machine shows life from the start.
+    first_repeat = next(i for i, line in enumerate(lines) if line.startswith("repeat 1/"))
+    assert all(i < first_repeat for i, line in enumerate(lines) if line.startswith(("flops:", "warm-up:")))
+
+
 def test_swp_draws_are_fixed_by_the_seed(tmp_path):
     def esam_swp(seed: int):
         bench = Bench(bench_cfg(tmp_path, f"seed={seed}", "methods=[sgd,esam_swp]"))
-        bench.count_flops()
+        bench.count_flops(log=lambda _: None)
         return bench.methods[1]
 
     a, b = esam_swp(3), esam_swp(3)
     assert a.opt.generator.initial_seed() == 3
     assert a.flops == b.flops  # same tensors drawn, so the same backward FLOPs
-
-
-def test_cost_model_matches_the_docstring():
-    p = [torch.nn.Parameter(torch.zeros(2))]
-    assert cost_units(SGD(p, lr=0.1)) == 3
-    assert cost_units(SAM(p, lr=0.1)) == 6
-    assert cost_units(ESAM(p, lr=0.1, beta=0.6, gamma=0.5)) == pytest.approx(5.1)   # +70 %
-    assert cost_units(ESAM(p, lr=0.1, beta=0.6, gamma=1.0)) == pytest.approx(5.6)   # no selection forward
-    assert cost_units(ESAM(p, lr=0.1, beta=1.0, gamma=0.5)) == pytest.approx(5.5)
 
 
 def test_grid_mode_writes_its_csv_and_heatmap(tmp_path):
@@ -107,20 +135,35 @@ def test_grid_mode_writes_its_csv_and_heatmap(tmp_path):
     files = run(cfg, log=lambda _: None)["files"]
     assert files["csv"].name.endswith("-grid.csv")
     df = pd.read_csv(files["csv"])
-    esam = df[df.optimizer == "ESAM"]
+    esam = df[df.optimizer == "esam"]
     assert sorted(zip(esam.beta, esam.gamma)) == [(0.5, 0.5), (0.5, 1.0), (1.0, 0.5), (1.0, 1.0)]
-    assert list(df.method[df.optimizer == "SGD"]) == ["sgd"]
+    assert list(df.method[df.optimizer == "sgd"]) == ["sgd"]
     # beta = gamma = 1 is exactly SAM: twice SGD's FLOPs.
     assert esam.set_index(["beta", "gamma"]).loc[(1.0, 1.0), "extra_flops_pct"] == pytest.approx(100, abs=5)
     assert files["png"].stat().st_size > 0
     assert "| beta | gamma=0.5 | gamma=1 |" in files["md"].read_text()
 
 
-def test_methods_can_be_added_from_the_config(tmp_path):
-    cfg = bench_cfg(tmp_path, "+method_defs.esam_b04={_target_:esam.optim.ESAM,beta:0.4,gamma:0.3}",
-                    "methods=[sgd,esam_b04]")
-    opt = Bench(cfg).methods[1].opt
-    assert isinstance(opt, ESAM) and (opt.beta, opt.gamma) == (0.4, 0.3)
+def test_methods_are_optimizer_options_and_variants_override_them(tmp_path):
+    cfg = bench_cfg(tmp_path, "+variants.esam_b04={optimizer:esam,beta:0.4,gamma:0.3}",
+                    "+variants.sam_adamw={optimizer:sam,base:adamw,rho:0.1}", "+common.lr=0.2",
+                    "methods=[sgd,esam_b04,sam_adamw,esam_swp]")
+    bench = Bench(cfg)
+    sgd, esam, sam, swp = (m.opt for m in bench.methods)
+    assert isinstance(esam, ESAM) and (esam.beta, esam.gamma) == (0.4, 0.3)
+    assert isinstance(sam.base_optimizer, torch.optim.AdamW) and sam.param_groups[0]["rho"] == 0.1
+    assert isinstance(sgd.base_optimizer, torch.optim.SGD) and sgd.param_groups[0]["momentum"] == 0.9
+    assert all(o.param_groups[0]["lr"] == 0.2 for o in (sgd, esam, sam, swp))  # common reaches every method
+    assert (swp.beta, swp.gamma) == (0.6, 1.0)  # conf/optimizer/esam_swp.yaml, not a copy in bench.yaml
+    assert [m.units for m in bench.methods] == pytest.approx([3.0, 1 + 1.4 + 1 + 0.9, 6.0, 5.6])
+
+
+def test_m_sharpness_variants_are_declared():
+    cfg = bench_cfg(None, "methods=[sgd,sam_m64,esam_m64]", "dataset.batch_size=128")
+    from esam.bench.methods import method_specs
+
+    specs = {s.name: s for s in method_specs(cfg)}
+    assert specs["sam_m64"].kwargs["m"] == 64 and specs["esam_m64"].kwargs["m"] == 64
 
 
 @pytest.mark.parametrize("overrides, words", [
@@ -128,18 +171,74 @@ def test_methods_can_be_added_from_the_config(tmp_path):
     (["methods=[sam,esam]"], "baseline"),
     (["precision=fp16"], "fp16"),
     (["steps=0"], "steps"),
+    (["+variants.bad={optimizer:sam,beta:0.4}", "methods=[sgd,bad]"], "variants.bad: 'beta'"),
+    (["+variants.nobase={beta:0.4}", "methods=[sgd,nobase]"], "variants.nobase has no 'optimizer'"),
+    (["window.end=1.5"], "window"),
+    (["publish=true", "results_dir=/tmp/x"], "publish"),
 ])
 def test_bad_configs_fail_with_one_sentence(tmp_path, overrides, words):
+    cfg = bench_cfg(None, *overrides)
     with pytest.raises(UserError, match=words):
-        Bench(bench_cfg(tmp_path, *overrides))
+        output_dir(cfg)
+        Bench(cfg)
+
+
+def test_output_goes_to_the_run_folder_unless_published(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert output_dir(bench_cfg(None)).parent == Path("outputs/bench")       # a fresh folder of its own
+    assert output_dir(bench_cfg(None, "publish=true")) == Path(PUBLISH_DIR)
+    assert output_dir(bench_cfg(None, "results_dir=elsewhere")) == Path("elsewhere")
+    files = run(bench_cfg(None, "publish=true", "methods=[sgd]", "repeats=1", "plot=false"),
+                log=lambda _: None)["files"]
+    assert files["csv"].resolve().parent == (tmp_path / "results" / "bench").resolve()
+
+
+def test_cli_writes_into_its_run_folder_and_never_into_results(tmp_path):
+    """`make bench` once replaced the committed results/bench/ files; a default run must not."""
+    proc = run_cli([*TINY, "methods=[sgd,sam]", "repeats=1", "steps=1", "phase_steps=0", "flop_steps=1",
+                    "plot=false"], cwd=tmp_path, module="esam.bench", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not (tmp_path / "results").exists()
+    written = list((tmp_path / "outputs" / "bench").glob("*/resnet_digits-cpu-fp32-*.csv"))
+    assert len(written) == 1 and list(pd.read_csv(written[0]).method) == ["sgd", "sam"]
+    assert "flops: sam step 1/1" in proc.stdout and "warm-up: step 1/1" in proc.stdout
 
 
 def test_cli_explains_a_bad_method_in_one_sentence(tmp_path):
-    import subprocess
-    import sys
-
-    proc = subprocess.run([sys.executable, "-m", "esam.bench", "methods=[sgd,nope]", f"results_dir={tmp_path}",
-                           f"hydra.run.dir={tmp_path}/hydra"], capture_output=True, text=True, timeout=120)
+    proc = run_cli(["methods=[sgd,nope]", f"hydra.run.dir={tmp_path}/hydra"], cwd=tmp_path,
+                   module="esam.bench", timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: methods ['nope'] are not in method_defs")
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: methods: nope: 'nope' is not an optimizer option")
     assert "Traceback" not in proc.stderr
+
+
+class _LatePhase(SharpnessAwareOptimizer):
+    """A toy per-step method: a plain step before half of training, a two-pass one after."""
+
+    def step(self, closure, *, grad_scaler=None):
+        self.seen = getattr(self, "seen", []) + [self.progress]
+        self.zero_grad()
+        losses = closure()
+        losses.mean().backward()
+        if self.progress >= 0.5:
+            closure().mean().backward()  # a second forward/backward: the 'sharpness-aware' step
+        self.base_optimizer.step()
+        self.last_cost = 6.0 if self.progress >= 0.5 else 3.0
+        return losses.detach()
+
+
+def test_methods_that_vary_by_step_are_timed_over_the_window_and_reported_by_their_mean(tmp_path, monkeypatch):
+    monkeypatch.setitem(METHODS, "toy_late", MethodInfo("toy_late", _LatePhase, "a test", lambda **_: 4.5))
+    bench = Bench(bench_cfg(tmp_path, "methods=[sgd]", "repeats=4", "steps=2", "window.epochs=10"))
+    model = bench.methods[0].model
+    late = _LatePhase(model.parameters(), "sgd", lr=0.01)
+    bench.methods.append(Method(MethodSpec("late", {}, "toy_late", {}), model, late))
+    bench.time_steps(log=lambda _: None)
+    # 8 timed steps spread evenly over progress 0..1, as opt.set_progress told the method.
+    assert late.seen == pytest.approx([i / 7 for i in range(8)])
+    df = bench_rows(bench, {"device": "cpu", "torch": "x"}).set_index("method")
+    assert df.loc["late", "cost_measured"] == 4.5 and df.loc["late", "cost_units"] == 4.5
+    assert df.loc["late", "cost_measured_extra_pct"] == pytest.approx(50.0)
+    assert df.loc["late", "stat"] == "mean" and df.loc["sgd", "stat"] == "median"
+    assert df.loc["late", "ms_step"] == pytest.approx(df.loc["late", "ms_mean"])
+    assert math.isnan(df.loc["late", "beta"])

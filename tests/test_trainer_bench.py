@@ -1,9 +1,12 @@
-"""The trainer-vs-bench throughput check runs both sides and reports consistent ratios."""
+"""The trainer-vs-bench throughput check runs both sides, reports consistent ratios, and writes
+into a run folder of its own unless asked to publish."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
-from esam.trainer_bench import compare, format_result
+from esam.bench.pipeline import compare, format_result, main
 
 
 def test_compare_reports_both_sides_and_their_ratio():
@@ -17,5 +20,23 @@ def test_compare_reports_both_sides_and_their_ratio():
     # The epoch wall time holds the timed steps and more, so it can never be the faster of the two.
     for r in res["rounds_detail"]:
         assert r["trainer_epoch_img_per_s"] <= r["trainer_step_img_per_s"] * 1.0001
-    text = format_result(res, "python -m esam.trainer_bench")
+    text = format_result(res, "python -m esam.bench.pipeline")
     assert "| bench: bare SGD steps |" in text and "% of bench SGD" in text
+
+
+def test_old_module_name_still_works():
+    from esam import trainer_bench
+
+    assert trainer_bench.compare is compare and trainer_bench.main is main
+
+
+def test_default_run_writes_outside_results_and_min_pct_fails_loudly(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["--steps", "1", "--rounds", "1", "--model", "resnet_digits", "--batch-size", "16",
+            "--precision", "fp32", "--device", "cpu"]
+    with pytest.raises(SystemExit) as exit_:
+        main([*args, "--min-pct", "1e9"])  # no trainer reaches a billion % of the bench
+    assert exit_.value.code == 1
+    assert not Path("results").exists()
+    written = list(Path("outputs/bench").glob("*/trainer-vs-bench-resnet_digits-cpu-fp32.md"))
+    assert len(written) == 1 and "python -m esam.bench.pipeline --steps 1" in written[0].read_text()
