@@ -1,0 +1,260 @@
+"""esam.loggers: wandb never stops a run (no API key, an init that fails or times out), and what
+a run puts in its wandb summary, read back from the .wandb file an offline run wrote.
+
+The real-wandb tests run in a subprocess with their own HOME, WANDB_DIR and config dir, no API key
+(or a fake one) and WANDB_BASE_URL pointing at a closed local port: nothing can reach a server.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import esam.loggers as loggers
+from esam.loggers import (ACC_FINAL, COMPUTE_EXTRA_PCT, COMPUTE_SUMMARY_KEYS, COMPUTE_USED, WALL_TIME, WandbLogger,
+                          compute_extra_pct, summary_key, wandb_key)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# -- reading what wandb wrote -------------------------------------------------------------------
+def wandb_records(path: Path) -> list:
+    """The records of a .wandb file, decoded with wandb's own protobuf schema. The file is a
+    LevelDB-style log: a 7-byte header (':W&B', magic, version), then 32 KiB blocks of chunks,
+    each with a 7-byte header (crc32c, length, type FULL=1 FIRST=2 MIDDLE=3 LAST=4)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    pos, block, parts, records = 7, 32768, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is zero padding
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind == 0:
+            continue
+        parts = chunk if kind in (1, 2) else parts + chunk
+        if kind in (1, 4):
+            records.append(pb.Record.FromString(parts))
+    return records
+
+
+def read_offline_run(run_dir: Path) -> dict:
+    """{summary, history, config, group} of the one offline run below ``run_dir``/wandb."""
+    files = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 1, files
+    out: dict = {"summary": {}, "history": [], "config": {}, "group": None}
+    for r in wandb_records(files[0]):
+        kind = r.WhichOneof("record_type")
+        if kind == "summary":
+            for item in r.summary.update:
+                out["summary"][item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+        elif kind == "history":
+            out["history"].append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item})
+        elif kind == "run":
+            out["group"] = r.run.run_group
+            out["config"].update({i.key: json.loads(i.value_json) for i in r.run.config.update})
+    return out
+
+
+def run_isolated(tmp_path: Path, code: str, run_dir: Path, **env: str) -> subprocess.CompletedProcess:
+    """``code`` (with ``run_dir`` as sys.argv[1]) in a fresh Python whose wandb has no account, no
+    settings and no reachable server."""
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    base = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "NETRC": str(home / ".netrc"),
+            "WANDB_DIR": str(tmp_path / "wandb_dir"), "WANDB_CONFIG_DIR": str(home / "wandb_config"),
+            "WANDB_CACHE_DIR": str(home / "wandb_cache"), "WANDB_DATA_DIR": str(home / "wandb_data"),
+            "WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_ERROR_REPORTING": "false",
+            "WANDB_DISABLE_GIT": "true", "WANDB_SILENT": "true"}
+    return subprocess.run([sys.executable, "-c", code, str(run_dir)], cwd=REPO, env={**base, **env}, capture_output=True,
+                          text=True, timeout=300)
+
+
+LOG_A_RUN = """
+import json, sys
+from esam.loggers import WandbLogger
+lg = WandbLogger(project="esam-test", entity=None, mode=None, name="digits-sam-seed0", group="equal_compute",
+                 tags=["digits"], config={"optimizer": {"name": "sam", "rho": 0.05}, "trainer": {"budget": None}},
+                 run_dir=sys.argv[1])
+lg.log_epoch({"epoch": 1, "test_acc": 50.0, "train_loss": 1.5, "compute_used": 2.0, "wall_time_s": 1.25})
+lg.log_epoch({"epoch": 2, "test_acc": 91.0, "train_loss": 0.5, "compute_used": 4.0, "wall_time_s": 3.5})
+lg.log_summary({"test_acc_final": 91.0, "test_acc_best": 92.0, "compute_used": 4.0, "epochs": 2, "budget": None,
+                "wall_time_s": 3.5, "optimizer": "sam", "config": {"not": "a scalar"}})
+lg.finish()
+print(json.dumps({"run_id": lg.run_id}))
+"""
+
+
+def warnings_of(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("warning:")]
+
+
+# -- no API key -----------------------------------------------------------------------------------
+def test_no_api_key_logs_offline_with_one_warning_and_the_summary_reads_back(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    proc = run_isolated(tmp_path, LOG_A_RUN, run_dir, WANDB_MODE="online")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "UsageError" not in proc.stderr
+    warns = warnings_of(proc.stderr)
+    assert len(warns) == 1, proc.stderr
+    assert "no API key" in warns[0] and "`wandb login`" in warns[0] and "WANDB_MODE=offline" in warns[0]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["run_id"]
+
+    got = read_offline_run(run_dir)
+    s = got["summary"]
+    # What a dashboard plots accuracy against compute with, under the names loggers.py exports.
+    assert s[COMPUTE_USED] == 4.0 and s[ACC_FINAL] == 91.0 and s[WALL_TIME] == 3.5
+    assert s[COMPUTE_EXTRA_PCT] == pytest.approx(100.0)  # 4 SGD-epochs for 2 epochs of data: SAM's 2x
+    assert s["test/acc_best"] == 92.0 and s["optimizer"] == "sam" and "config" not in s
+    assert [h["test/acc"] for h in got["history"]] == [50.0, 91.0]
+    assert [h[COMPUTE_USED] for h in got["history"]] == [2.0, 4.0] and got["history"][1]["epoch"] == 2
+    assert got["group"] == "equal_compute" and got["config"]["optimizer"] == {"name": "sam", "rho": 0.05}
+
+
+def test_offline_mode_is_quiet(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    proc = run_isolated(tmp_path, LOG_A_RUN, run_dir, WANDB_MODE="offline")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert warnings_of(proc.stderr) == []
+    assert read_offline_run(run_dir)["summary"][COMPUTE_USED] == 4.0
+
+
+# -- a key, but wandb cannot start online (no network, a timeout) ----------------------------------
+FAILING_ONLINE = """
+import sys, wandb
+real_init, timeouts = wandb.init, []
+def init(*args, mode=None, settings=None, **kwargs):
+    timeouts.append(settings.init_timeout)
+    if mode == "online":  # what wandb raises when the server does not answer within init_timeout
+        raise wandb.errors.CommError(f"Run initialization has timed out after {settings.init_timeout} sec.")
+    return real_init(*args, mode=mode, settings=settings, **kwargs)
+wandb.init = init
+""" + LOG_A_RUN + """
+print("timeouts", timeouts)
+"""
+
+
+def test_online_init_failure_falls_back_to_offline_within_the_timeout(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    proc = run_isolated(tmp_path, FAILING_ONLINE, run_dir, WANDB_MODE="online",
+                        WANDB_API_KEY="x" * 40, WANDB_INIT_TIMEOUT="7")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "timeouts [7.0, 7.0]" in proc.stdout  # the bounded wait, honoured online and offline
+    warns = warnings_of(proc.stderr)
+    assert len(warns) == 1, proc.stderr
+    assert "timed out" in warns[0] and "WANDB_INIT_TIMEOUT" in warns[0] and "WANDB_MODE=offline" in warns[0]
+    assert read_offline_run(run_dir)["summary"][ACC_FINAL] == 91.0
+
+
+class FakeRun:
+    id = "fake"
+
+    def __init__(self, fail_log: bool = False):
+        self.fail_log, self.logged, self.summary, self.finished = fail_log, [], {}, False
+
+    def define_metric(self, *args, **kwargs):
+        pass
+
+    def log(self, values):
+        if self.fail_log:
+            raise ConnectionError("network is unreachable")
+        self.logged.append(values)
+
+    def finish(self, exit_code=0):
+        self.finished = True
+
+
+def make_logger(**kw) -> WandbLogger:
+    return WandbLogger(project="p", entity=None, name="n", group="g", tags=[], config={}, run_dir="/nonexistent", **kw)
+
+
+def test_when_wandb_cannot_start_at_all_the_run_goes_on_without_it(monkeypatch, capsys):
+    import wandb
+
+    seen = []
+
+    def init(*args, mode=None, settings=None, **kwargs):
+        seen.append((mode, settings.init_timeout))
+        raise OSError("read-only file system")
+
+    monkeypatch.setattr(wandb, "init", init)
+    monkeypatch.setattr(loggers, "has_api_key", lambda wandb: True)
+    monkeypatch.delenv("WANDB_INIT_TIMEOUT", raising=False)
+    lg = make_logger(mode="online")
+    assert seen == [("online", loggers.DEFAULT_INIT_TIMEOUT_S), ("offline", loggers.DEFAULT_INIT_TIMEOUT_S)]
+    assert lg.run is None and lg.run_id is None
+    lg.log_epoch({"epoch": 1, "test_acc": 1.0})  # no-ops, no exception
+    lg.log_summary({"test_acc_final": 1.0})
+    lg.finish()
+    warns = warnings_of(capsys.readouterr().err)
+    assert len(warns) == 1 and "folder only" in warns[0] and "WANDB_MODE=disabled" in warns[0]
+
+
+def test_a_wandb_failure_mid_run_warns_once_and_stops_mirroring(monkeypatch, capsys):
+    import wandb
+
+    run = FakeRun(fail_log=True)
+    monkeypatch.setattr(wandb, "init", lambda *a, **k: run)
+    lg = make_logger(mode="offline")
+    lg.log_epoch({"epoch": 1, "test_acc": 1.0})
+    lg.log_epoch({"epoch": 2, "test_acc": 2.0})
+    lg.log_summary({"test_acc_final": 2.0})
+    lg.finish()
+    warns = warnings_of(capsys.readouterr().err)
+    assert len(warns) == 1 and "ConnectionError" in warns[0] and "metrics.jsonl" in warns[0]
+    assert run.summary == {} and not run.finished
+
+
+def test_bad_mode_is_one_sentence():
+    from esam.errors import UserError
+
+    with pytest.raises(UserError, match="logger.mode='onlin' is not one of online, offline, disabled"):
+        make_logger(mode="onlin")
+
+
+# -- the keys -------------------------------------------------------------------------------------
+def test_compute_overhead_vs_sgd_from_the_summary():
+    assert compute_extra_pct({"compute_used": 20.0, "epochs": 10, "budget": None}) == pytest.approx(100.0)
+    assert compute_extra_pct({"compute_used": 10.0, "epochs": 10}) == pytest.approx(0.0)  # SGD
+    # A budget run may stop mid-epoch: only a fractional epochs_done tells how far it went.
+    assert compute_extra_pct({"compute_used": 2.0, "epochs": 2, "epochs_done": 1.25, "budget": 2}) == pytest.approx(60.0)
+    assert math.isnan(compute_extra_pct({"compute_used": 2.0, "epochs": 2, "budget": 2}))
+    assert math.isnan(compute_extra_pct({"test_acc_final": 90.0, "epochs": 10}))  # older summaries
+
+
+def test_summary_keys_round_trip():
+    for ours in ("test_acc_final", "test_acc_best", "compute_used", "wall_time_s", "img_per_s", "budget"):
+        assert summary_key(wandb_key(ours)) == ours
+    assert {wandb_key(k) for k in ("compute_used", "wall_time_s", "test_acc_final", "budget")} <= set(COMPUTE_SUMMARY_KEYS)
+
+
+def load_dashboard():
+    spec = importlib.util.spec_from_file_location("wandb_dashboard", REPO / "scripts" / "wandb_dashboard.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_dashboard_panels_plot_the_keys_runs_log():
+    """Every metric a dashboard panel reads is a name esam.loggers writes (or the report pushes)."""
+    dash = load_dashboard()
+    panels = [p for _, ps in dash.panel_spec() for p in ps]
+    used = {k for p in panels for k in [*p.get("y", []), *p.get("metrics", []), p.get("x")] if k}
+    written = {wandb_key(k) for k in ("test_acc", "test_acc_best", "test_acc_final", "train_loss", "img_per_s",
+                                      "sam_sharpness", "compute_used", "wall_time_s")}
+    written |= {"epoch", COMPUTE_EXTRA_PCT, "perf/extra_vs_sgd_pct"}
+    assert used <= written, used - written
+    scatter = {(p["x"], p["y"][0]) for p in panels if p["kind"] == "scatter"}
+    assert (COMPUTE_USED, ACC_FINAL) in scatter and (WALL_TIME, ACC_FINAL) in scatter
