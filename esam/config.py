@@ -287,3 +287,55 @@ def register_efficient_sam_configs() -> None:
 
 
 register_efficient_sam_configs()
+
+
+# -- when to take the sharpness-aware step (late-phase SAM, RST, AE-SAM) and MSAM (issue 12) ----
+class Inner(str, Enum):
+    sam = "sam"    # the sharpness-aware step is SAM's
+    esam = "esam"  # ESAM's, with beta and gamma
+
+
+class PSchedule(str, Enum):
+    constant = "constant"
+    linear = "linear"
+    cosine = "cosine"
+
+
+@dataclass
+class SwitchingSAMConfig(ESAMConfig):
+    inner: Inner = Inner.sam     # beta, gamma and selection act only with inner=esam
+
+
+@dataclass
+class LateSAMConfig(SwitchingSAMConfig):
+    start: float = 0.875         # share of training before the first sharpness-aware step
+
+
+@dataclass
+class RSTConfig(SwitchingSAMConfig):
+    schedule: PSchedule = PSchedule.constant
+    p: float = 0.5               # probability of a sharpness-aware step (at the start if scheduled)
+    p_end: Optional[float] = None  # at the end of training, for schedule=linear|cosine
+
+
+@dataclass
+class AESAMConfig(SwitchingSAMConfig):
+    delta: float = 0.9           # EMA rate of the mean and variance of ||g||^2
+    lambda1: float = -1.0        # c_t = t lambda1 + (1 - t) lambda2, t = share of training done
+    lambda2: float = 1.0
+
+
+@dataclass
+class MSAMConfig(OptimizerConfig):
+    rho: float = 3.0             # perturbation length along -v/||v|| (the authors' CIFAR value)
+    eps: float = 1e-12           # in rho / (||v|| + eps), as the authors' code
+
+
+def register_switching_and_msam_configs() -> None:
+    cs = ConfigStore.instance()
+    for name, node in (("latesam_schema", LateSAMConfig), ("rst_schema", RSTConfig),
+                       ("aesam_schema", AESAMConfig), ("msam_schema", MSAMConfig)):
+        cs.store(group="optimizer", name=name, node=node)
+
+
+register_switching_and_msam_configs()

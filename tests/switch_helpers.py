@@ -1,0 +1,64 @@
+"""Helpers shared by tests/test_methods_{latesam,rst,aesam,msam}.py (not collected: no test_ prefix)."""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from conftest import FAST, run_cli
+
+
+class CountingClosure:
+    """Per-sample CE losses; counts forwards with autograd, forwards without, and backward passes
+    (a hook on the losses fires once per backward through them) and records the weights seen."""
+
+    def __init__(self, model, x, y):
+        self.model, self.x, self.y = model, x, y
+        self.batch_size, self.device = int(y.shape[0]), y.device
+        self.grad_forwards = self.nograd_forwards = self.backwards = 0
+        self.seen: list[list[torch.Tensor]] = []
+
+    def _count_backward(self, grad):
+        self.backwards += 1
+        return grad
+
+    def __call__(self, indices=None):
+        self.seen.append([p.detach().clone() for p in self.model.parameters()])
+        x, y = (self.x, self.y) if indices is None else (self.x[indices], self.y[indices])
+        losses = F.cross_entropy(self.model(x), y, reduction="none")
+        if losses.requires_grad:
+            self.grad_forwards += 1
+            losses.register_hook(self._count_backward)
+        else:
+            self.nograd_forwards += 1
+        return losses
+
+    @property
+    def passes(self) -> tuple[int, int]:
+        """(forwards with autograd, backward passes)."""
+        return self.grad_forwards, self.backwards
+
+
+def save_load(model, opt, *, inside_evaluation: bool = True) -> dict:
+    """Model and optimizer state through a file, as the trainer saves them (inside evaluation_weights)."""
+    buf = io.BytesIO()
+    if inside_evaluation:
+        with opt.evaluation_weights():
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    else:
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+def train_digits(name: str, out: Path, *overrides: str) -> list[dict]:
+    """``python -m esam.train dataset=digits optimizer=<name>`` for 5 batches; the metrics rows."""
+    proc = run_cli(["dataset=digits", f"optimizer={name}", "trainer.epochs=1", "trainer.limit_train_batches=5",
+                    *FAST, *overrides, f"hydra.run.dir={out}"], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    assert (out / "summary.json").is_file()
+    return rows
