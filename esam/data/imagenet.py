@@ -92,10 +92,12 @@ class FolderLoader(ShardedEpochs):
         self.dataset, self.num_workers = dataset, num_workers
         self.pin_memory = self.device.type == "cuda" if pin_memory is None else pin_memory
 
-    def batches(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield (images, labels) on the device, from batch ``start`` of ``epoch``."""
+    def batches(self, epoch: int = 0, start: int = 0, *, with_indices: bool = False) -> Iterator[tuple[torch.Tensor, ...]]:
+        """Yield (images, labels) on the device, from batch ``start`` of ``epoch``; with
+        ``with_indices``, (images, labels, dataset indices) (int64, on the device; SAF needs them)."""
         if start >= len(self):
             return
+        order = self._local_indices(epoch) if with_indices else None
         loader = DataLoader(
             self.dataset, batch_sampler=self._batch_keys(epoch, start), num_workers=self.num_workers,
             pin_memory=self.pin_memory,
@@ -103,11 +105,17 @@ class FolderLoader(ShardedEpochs):
             # from (and advance) the global stream that dropout and the model init use.
             generator=_generator(self.seed, epoch, 3),
         )
-        for images, labels in loader:
+        # The DataLoader yields the batches in _batch_keys' order, whatever num_workers is.
+        for b, (images, labels) in enumerate(loader, start):
             x = self._normalise(images.to(self.device, non_blocking=True))
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            yield x, labels.to(self.device, torch.int64, non_blocking=True)
+            y = labels.to(self.device, torch.int64, non_blocking=True)
+            if order is None:
+                yield x, y
+            else:
+                ids = order[b * self.local_batch : (b + 1) * self.local_batch]
+                yield x, y, ids.to(self.device, non_blocking=True)
 
     def _batch_keys(self, epoch: int, start: int) -> Iterator[list[tuple[int, int]]]:
         # Lazily: an ImageNet epoch has 1.28M keys. Each sample's augmentation seed depends

@@ -126,12 +126,14 @@ class TensorLoader(ShardedEpochs):
         if pad:  # pad once; each batch then gathers its crops from this
             self.padded = torch.nn.functional.pad(self.images, (pad, pad, pad, pad))
 
-    def batches(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield (images, labels) on the device, from batch ``start`` of ``epoch``."""
+    def batches(self, epoch: int = 0, start: int = 0, *, with_indices: bool = False) -> Iterator[tuple[torch.Tensor, ...]]:
+        """Yield (images, labels) on the device, from batch ``start`` of ``epoch``; with
+        ``with_indices``, (images, labels, dataset indices) (int64, on the device; SAF needs them)."""
         order = self._local_indices(epoch)
         for b in range(start, len(self)):
             idx = order[b * self.local_batch : (b + 1) * self.local_batch].to(self.device)
-            yield self._make_batch(idx, epoch, b), self.labels[idx]
+            x, y = self._make_batch(idx, epoch, b), self.labels[idx]
+            yield (x, y, idx) if with_indices else (x, y)
 
     def _make_batch(self, idx: torch.Tensor, epoch: int, b: int) -> torch.Tensor:
         aug, n = self.augment, idx.shape[0]
