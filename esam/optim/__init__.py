@@ -13,6 +13,7 @@ from esam.optim.sam import SAM
 from esam.optim.msam import MSAM  # noqa: F401  (issue 12: registers msam)
 from esam.optim.switching import AESAM, RST, LateSAM  # noqa: F401  (latesam, rst, aesam)
 from esam.optim.gsam import GSAM  # noqa: F401  (issue 12: registers gsam)
+from esam.optim.ksam import KSAM  # noqa: F401
 from esam.optim.looksam import LookSAM  # noqa: F401
 
 __all__ = ["make_closure", "BatchClosure", "SGD", "BaseOnly", "SAM", "ESAM", "SharpnessAwareOptimizer", "BASE_OPTIMIZERS",
