@@ -339,3 +339,35 @@ def register_switching_and_msam_configs() -> None:
 
 
 register_switching_and_msam_configs()
+
+
+# -- SAF and MESA (Du et al., NeurIPS 2022; issue 12) -------------------------------------------
+class SAFMemory(str, Enum):
+    cpu = "cpu"        # host memory, as the authors (ImageNet's memory is ~20 GB); a sync per step
+    device = "device"  # beside the logits: no sync, for memories that fit (CIFAR: 8-80 MB)
+
+
+@dataclass
+class SAFConfig(OptimizerConfig):
+    lam: float = 0.3             # weight of the trajectory loss (the authors' --reinforce)
+    tau: float = 5.0             # softmax temperature of the trajectory KL
+    start: int = 5               # trajectory loss on in 0-based epochs > start (--kl_start_epoch)
+    lookback: int = 3            # E~: targets are each sample's logits from this many epochs ago
+    memory_device: SAFMemory = SAFMemory.cpu
+
+
+@dataclass
+class MESAConfig(OptimizerConfig):
+    lam: float = 0.8
+    tau: float = 5.0
+    start: int = 5
+    decay: float = 0.9998        # EMA of the weights: ema <- decay ema + (1 - decay) w, every step
+
+
+def register_saf_configs() -> None:
+    cs = ConfigStore.instance()
+    for name, node in (("saf_schema", SAFConfig), ("mesa_schema", MESAConfig)):
+        cs.store(group="optimizer", name=name, node=node)
+
+
+register_saf_configs()

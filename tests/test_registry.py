@@ -35,7 +35,10 @@ def train(opt, model, data, start: int = 0, total: int = 8) -> list[torch.Tensor
     losses = []
     for i, (x, y) in enumerate(data):
         opt.set_progress((start + i) / 2, total / 2)  # two steps per "epoch"
-        losses.append(opt.step(make_closure(model, x, y)))
+        # Dataset indices of the rows (SAF's memory needs them): the two batches of an epoch
+        # are samples 0..n-1 and n..2n-1.
+        ids = torch.arange(y.shape[0]) + y.shape[0] * ((start + i) % 2)
+        losses.append(opt.step(make_closure(model, x, y, sample_ids=ids)))
     return losses
 
 

@@ -15,6 +15,7 @@ from esam.optim.switching import AESAM, RST, LateSAM  # noqa: F401  (latesam, rs
 from esam.optim.gsam import GSAM  # noqa: F401  (issue 12: registers gsam)
 from esam.optim.ksam import KSAM  # noqa: F401
 from esam.optim.looksam import LookSAM  # noqa: F401
+from esam.optim.saf import MESA, SAF  # noqa: F401  (issue 12: registers saf and mesa)
 
 __all__ = ["make_closure", "BatchClosure", "SGD", "BaseOnly", "SAM", "ESAM", "SharpnessAwareOptimizer", "BASE_OPTIMIZERS",
            "resolve_base_optimizer", "METHODS", "MethodInfo", "build_optimizer", "build_from_spec",
