@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import socket
 
 import pytest
 import torch
+import torch.multiprocessing as mp
+from torch import nn
 
 from conftest import FAST, run_cli
 from esam.optim import SAM
@@ -186,3 +190,44 @@ def test_trains_through_the_shared_trainer(tmp_path):
     record = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert record["sam_rho"] == pytest.approx(0.04)  # epoch 1 of a per-epoch cosine: lr = lr_max
     assert record["train_steps"] == 5
+
+
+# -- DDP: each rank decomposes its own gradients, then the directions are averaged ----------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_rank(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    model = mlp()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = GSAM(model.parameters(), "sgd", rho=RHO_MAX, rho_min=RHO_MIN, alpha=ALPHA, model=ddp, **KW)
+    for x, y in batches("mlp", 3, n=12):
+        per = x.shape[0] // world
+        opt.step(make_closure(ddp, x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]))
+    torch.save(weights(model), f"{out}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_ranks_decompose_locally_and_average(tmp_path):
+    out = str(tmp_path / "ddp.pt")
+    mp.spawn(_ddp_rank, args=(2, _free_port(), out), nprocs=2, join=True)
+    rank0, rank1 = torch.load(f"{out}.0"), torch.load(f"{out}.1")
+    assert_all_equal(rank0, rank1)  # the ranks stay in step
+
+    model = mlp()
+    ref = Reference(model)
+    for x, y in batches("mlp", 3, n=12):
+        w, directions = ref.ws, []
+        for half in (slice(0, 6), slice(6, 12)):  # what each rank computes on its own half
+            _, g = loss_and_grad(ref.model, w, x[half], y[half])
+            w_e = [wi + ei for wi, ei in zip(w, sam_perturbation(w, g, RHO_MAX))]  # lr = lr_max
+            _, g_s = loss_and_grad(ref.model, w_e, x[half], y[half])
+            c = dot(g, g_s) / (dot(g_s, g_s) + EPS)
+            directions.append([gs - ALPHA * (gi - c * gs) for gi, gs in zip(g, g_s)])
+        ref.step_with([(a + b) / 2 for a, b in zip(*directions)])
+    assert_all_close(rank0, ref.ws, rtol=1e-9, atol=1e-11)

@@ -10,9 +10,12 @@ from __future__ import annotations
 import copy
 import io
 import json
+import os
+import socket
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -183,3 +186,45 @@ def test_trains_through_the_shared_trainer(tmp_path):
     record = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert record["sam_sample_frac"] == pytest.approx(0.1, abs=0.01)  # int(0.1 * B) of each batch
     assert record["train_steps"] == 5
+
+
+# -- DDP: each rank ranks and perturbs on its own shard; the second backward all-reduces ------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_rank(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    model = mlp()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = KSAM(model.parameters(), "sgd", rho=0.5, k_frac=0.5, model=ddp, **KW)
+    for x, y in batches("mlp", 3, n=12):
+        per = x.shape[0] // world
+        opt.step(make_closure(ddp, x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]))
+    torch.save(weights(model), f"{out}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_ranks_select_and_perturb_locally(tmp_path):
+    out = str(tmp_path / "ddp.pt")
+    mp.spawn(_ddp_rank, args=(2, _free_port(), out), nprocs=2, join=True)
+    rank0, rank1 = torch.load(f"{out}.0"), torch.load(f"{out}.1")
+    assert_all_equal(rank0, rank1)
+
+    model = mlp()
+    ref = Reference(model)
+    for x, y in batches("mlp", 3, n=12):
+        w, grads = ref.ws, []
+        for half in (slice(0, 6), slice(6, 12)):  # each rank: its top 3 of 6, its own w + e
+            xs, ys = x[half], y[half]
+            losses, _ = loss_and_grad(ref.model, w, xs, ys)
+            top = torch.topk(losses, 3).indices
+            _, g = loss_and_grad(ref.model, w, xs[top], ys[top])
+            w_e = [wi + ei for wi, ei in zip(w, sam_perturbation(w, g, 0.5))]
+            grads.append(loss_and_grad(ref.model, w_e, xs[top], ys[top])[1])
+        ref.step_with([(a + b) / 2 for a, b in zip(*grads)])
+    assert_all_close(rank0, ref.ws, rtol=1e-9, atol=1e-11)
