@@ -62,3 +62,47 @@ def train_digits(name: str, out: Path, *overrides: str) -> list[dict]:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     assert (out / "summary.json").is_file()
     return rows
+
+
+# -- two gloo DDP ranks: do they take the same kind of step? --------------------------------------
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ddp_rank_decisions(rank: int, world: int, port: int, name: str, kwargs: dict, out: str) -> None:
+    """One rank of a DDP run on its own shard, seeded per rank as the trainer seeds ESAM's SWP;
+    saves its sequence of sam_step decisions and its final weights."""
+    import os
+
+    from torch import nn
+
+    from esam.optim import build_optimizer
+    from test_optim import batches, convnet, weights
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    model = convnet()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = build_optimizer(name, model.parameters(), model=ddp, seed=1000 + rank, **kwargs)
+    decisions = []
+    data = batches("convnet", 8, n=8)
+    for t, (x, y) in enumerate(data):
+        per = x.shape[0] // world
+        opt.set_progress(t, len(data))
+        opt.step(CountingClosure(ddp, x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]))
+        decisions.append(opt.last_stats["sam_step"])
+    torch.save({"decisions": decisions, "weights": weights(model)}, f"{out}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+def ddp_decisions(tmp_path: Path, name: str, **kwargs) -> list[dict]:
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "ddp")
+    mp.spawn(ddp_rank_decisions, args=(2, free_port(), name, kwargs, out), nprocs=2, join=True)
+    return [torch.load(f"{out}.{r}", weights_only=False) for r in range(2)]

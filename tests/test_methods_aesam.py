@@ -129,3 +129,13 @@ def test_bad_arguments_raise_value_error_naming_them(kwargs, key):
 def test_trains_through_the_shared_trainer(tmp_path):
     rows = train_digits("aesam", tmp_path / "run")
     assert 0.0 < rows[-1]["sam_sam_step"] <= 1.0  # the first step is always sharpness-aware (c_0 = 1)
+
+
+@pytest.mark.slow  # two spawned gloo processes
+def test_ddp_ranks_decide_alike_on_the_all_reduced_gradient(tmp_path):
+    """Each rank sees its own shard; the test runs on the all-reduced ||g||^2, so both agree."""
+    from switch_helpers import ddp_decisions
+
+    r0, r1 = ddp_decisions(tmp_path, "aesam", delta=0.5, lambda1=-0.5, lambda2=0.5, rho=RHO, **KW)
+    assert r0["decisions"] == r1["decisions"] and 0 < sum(r0["decisions"]) < len(r0["decisions"])
+    assert_all_equal(r0["weights"], r1["weights"])

@@ -141,3 +141,14 @@ def test_bad_arguments_raise_value_error_naming_them(kwargs, key):
 def test_trains_through_the_shared_trainer(tmp_path):
     rows = train_digits("rst", tmp_path / "run", "optimizer.p=1.0")
     assert rows[-1]["sam_sam_step"] == 1.0 and rows[-1]["sam_sharpness"] != 0.0
+
+
+@pytest.mark.slow  # two spawned gloo processes
+def test_ddp_ranks_draw_alike_though_seeded_apart(tmp_path):
+    """The trainer seeds each rank differently (ESAM's SWP); RST's draws must still agree, or
+    one rank would run a second pass the other never joins."""
+    from switch_helpers import ddp_decisions
+
+    r0, r1 = ddp_decisions(tmp_path, "rst", p=0.5, rho=RHO, **KW)
+    assert r0["decisions"] == r1["decisions"] and 0 < sum(r0["decisions"]) < len(r0["decisions"])
+    assert_all_equal(r0["weights"], r1["weights"])
