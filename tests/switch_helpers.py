@@ -106,3 +106,20 @@ def ddp_decisions(tmp_path: Path, name: str, **kwargs) -> list[dict]:
     out = str(tmp_path / "ddp")
     mp.spawn(ddp_rank_decisions, args=(2, free_port(), name, kwargs, out), nprocs=2, join=True)
     return [torch.load(f"{out}.{r}", weights_only=False) for r in range(2)]
+
+
+def scaled_equals_unscaled(make_opt, model_fn, data, progress_total: int | None = None) -> None:
+    """torch.amp.GradScaler on CPU: a power-of-two scale must cancel out of every step."""
+    from test_optim import assert_all_close, weights
+
+    model, plain = model_fn(), model_fn()
+    opt, ref = make_opt(model), make_opt(plain)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    for t, (x, y) in enumerate(data):
+        for o in (opt, ref):
+            o.set_progress(t, progress_total or len(data))
+        opt.step(CountingClosure(model, x, y), grad_scaler=scaler)
+        ref.step(CountingClosure(plain, x, y))
+        assert opt.last_stats.get("sam_step") == ref.last_stats.get("sam_step")  # the same kind of step
+    assert scaler.get_scale() == 2.0**12
+    assert_all_close(weights(model), weights(plain))

@@ -139,3 +139,25 @@ def test_ddp_ranks_decide_alike_on_the_all_reduced_gradient(tmp_path):
     r0, r1 = ddp_decisions(tmp_path, "aesam", delta=0.5, lambda1=-0.5, lambda2=0.5, rho=RHO, **KW)
     assert r0["decisions"] == r1["decisions"] and 0 < sum(r0["decisions"]) < len(r0["decisions"])
     assert_all_equal(r0["weights"], r1["weights"])
+
+
+def test_grad_scaler_step_equals_unscaled_step():
+    from switch_helpers import scaled_equals_unscaled
+
+    scaled_equals_unscaled(lambda m: AESAM(m.parameters(), "sgd", delta=0.5, lambda1=-0.5, lambda2=0.5,
+                                           rho=RHO, **KW), mlp, batches("mlp", 8))
+
+
+def test_overflowing_first_pass_is_a_skipped_plain_step_that_leaves_the_emas_alone():
+    model = mlp()
+    opt = AESAM(model.parameters(), "sgd", rho=RHO, **KW)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    x, y = batches("mlp", 1)[0]
+    opt.step(CountingClosure(model, x, y), grad_scaler=scaler)
+    mu, var, before = opt.mu, opt.var, weights(model)
+    closure = CountingClosure(model, x, y)
+    opt.step(lambda indices=None: closure(indices) * float("inf"), grad_scaler=scaler)
+    assert closure.passes == (1, 1) and opt.last_stats["sam_step"] == 0.0
+    assert (opt.mu, opt.var) == (mu, var)
+    assert_all_equal(weights(model), before)
+    assert scaler.get_scale() == 2.0**11

@@ -197,3 +197,10 @@ def test_trains_through_the_shared_trainer_and_checkpoints_the_moved_back_weight
     params = [v for k, v in ckpt["model"].items() if k.endswith(("weight", "bias"))]
     assert held and all(torch.isfinite(w).all() for w in held.values())
     assert any(not torch.equal(held[i], p) for i, p in enumerate(params) if i in held)
+
+
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+def test_grad_scaler_step_equals_unscaled_step(base):
+    from switch_helpers import scaled_equals_unscaled
+
+    scaled_equals_unscaled(lambda m: make(m, base), mlp, batches("mlp", 4))

@@ -152,3 +152,10 @@ def test_ddp_ranks_draw_alike_though_seeded_apart(tmp_path):
     r0, r1 = ddp_decisions(tmp_path, "rst", p=0.5, rho=RHO, **KW)
     assert r0["decisions"] == r1["decisions"] and 0 < sum(r0["decisions"]) < len(r0["decisions"])
     assert_all_equal(r0["weights"], r1["weights"])
+
+
+def test_grad_scaler_step_equals_unscaled_step():
+    from switch_helpers import scaled_equals_unscaled
+
+    scaled_equals_unscaled(lambda m: RST(m.parameters(), "sgd", p=0.5, rho=RHO, seed=0, **KW), mlp,
+                           batches("mlp", 6))
