@@ -231,3 +231,12 @@ def test_ddp_ranks_decompose_locally_and_average(tmp_path):
             directions.append([gs - ALPHA * (gi - c * gs) for gi, gs in zip(g, g_s)])
         ref.step_with([(a + b) / 2 for a, b in zip(*directions)])
     assert_all_close(rank0, ref.ws, rtol=1e-9, atol=1e-11)
+
+
+def test_phase_hook_sees_phases_in_order():
+    model = mlp()
+    opt = GSAM(model.parameters(), "sgd", lr=LR)
+    seen = []
+    opt.phase_hook = seen.append
+    opt.step(make_closure(model, *batch("mlp")))
+    assert seen == ["first_pass", "perturb", "second_pass", "restore", "decompose", "base_update", "end"]

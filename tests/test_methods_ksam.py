@@ -228,3 +228,12 @@ def test_ddp_ranks_select_and_perturb_locally(tmp_path):
             grads.append(loss_and_grad(ref.model, w_e, xs[top], ys[top])[1])
         ref.step_with([(a + b) / 2 for a, b in zip(*grads)])
     assert_all_close(rank0, ref.ws, rtol=1e-9, atol=1e-11)
+
+
+def test_phase_hook_sees_phases_in_order():
+    model = mlp()
+    opt = KSAM(model.parameters(), "sgd", k_frac=0.5, lr=LR)
+    seen = []
+    opt.phase_hook = seen.append
+    opt.step(make_closure(model, *batch("mlp")))
+    assert seen == ["select_forward", "first_pass", "perturb", "second_pass", "restore", "base_update", "end"]

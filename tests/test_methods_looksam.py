@@ -271,3 +271,14 @@ def test_ddp_ranks_share_g_v_and_equal_one_process_on_the_whole_batch(tmp_path):
     for x, y in batches("mlp", 4, n=12):
         opt.step(make_closure(model, x, y))
     assert_all_close(rank0, weights(model), rtol=1e-9, atol=1e-11)
+
+
+def test_phase_hook_sees_each_kind_of_step():
+    model = mlp()
+    opt = LookSAM(model.parameters(), "sgd", rho=RHO, k=2, lr=LR)
+    seen = []
+    opt.phase_hook = seen.append
+    for x, y in batches("mlp", 2):
+        opt.step(make_closure(model, x, y))
+    assert seen == ["first_pass", "perturb", "second_pass", "restore", "base_update", "end",
+                    "first_pass", "reuse", "base_update", "end"]
