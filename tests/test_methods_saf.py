@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import copy
 import io
+import os
+import socket
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 import torch.nn.functional as F
+from torch import nn
 from torch.func import functional_call
 
 from esam.errors import UserError
@@ -73,7 +77,7 @@ def test_saf_matches_the_papers_loss_with_its_memory_and_switch_on():
               lr=LR, momentum=MOMENTUM, weight_decay=WD)
     past: dict[tuple[int, int], torch.Tensor] = {}  # (epoch, sample) -> logits seen in that epoch
     steps = schedule(6, drop=7)
-    on_epochs = set()
+    on_epochs, shares = set(), []
     for t, (epoch, ids) in enumerate(steps):
         x, y = x_all[ids], y_all[ids]
         opt.set_progress(epoch + (t % 2) / 2, 6)
@@ -88,6 +92,7 @@ def test_saf_matches_the_papers_loss_with_its_memory_and_switch_on():
                      for r, i in enumerate(ids.tolist()) if have[r]]
             traj = sum(terms) / len(ids) if terms else traj  # mean over the whole batch
             share = sum(have) / len(ids)
+            shares.append(share)
             loss = loss + lam * traj
             on_epochs.add(epoch)
         for r, i in enumerate(ids.tolist()):
@@ -100,7 +105,7 @@ def test_saf_matches_the_papers_loss_with_its_memory_and_switch_on():
         assert opt.last_cost == 3.0
         assert_all_close(weights(model), ref.ws)
     assert on_epochs == {2, 3, 4, 5}
-    # Sample 7 was not seen in epoch 0, so epoch 2 had a batch without its target.
+    assert sorted(shares)[:2] == [0.75, 1.0]  # sample 7, unseen in epoch 0, had no target in epoch 2
     assert opt.memory.shape == (N, lookback + 1, 3) and opt.memory.dtype == torch.float64
 
 
@@ -263,3 +268,66 @@ def test_registry_entries_carry_the_papers_defaults():
     assert METHODS["saf"].hparams == {"lam": 0.3, "tau": 5.0, "start": 5, "lookback": 3, "memory_device": "cpu"}
     assert METHODS["mesa"].hparams == {"lam": 0.8, "tau": 5.0, "start": 5, "decay": 0.9998}
     assert METHODS["saf"].expected_cost() == 3.0 and METHODS["mesa"].expected_cost() == 4.0
+
+
+# -- DDP: SAF's memory gathers every rank's outputs; MESA's EMA pass runs through the DDP model --
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+DDP_KW = {"saf": dict(start=1, lookback=2), "mesa": dict(start=0, decay=0.9)}
+
+
+def _ddp_rank(rank: int, world: int, port: int, name: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    model = mlp()  # no BatchNorm: the ranks' halves together are the one-process batch
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = build_optimizer(name, model.parameters(), model=ddp, lr=LR, momentum=MOMENTUM, weight_decay=WD,
+                          **DDP_KW[name])
+    x_all, y_all = dataset()
+    shares = []
+    for t, (epoch, ids) in enumerate(schedule(4)):
+        mine = ids[rank * B // world:(rank + 1) * B // world]  # which rank sees a sample changes per epoch
+        opt.set_progress(epoch + (t % 2) / 2, 4)
+        opt.step(make_closure(ddp, x_all[mine], y_all[mine], sample_ids=mine))
+        shares.append(float(opt.last_stats["traj_share"]))
+    torch.save({"weights": weights(model), "shares": shares}, f"{out}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("name", ["saf", "mesa"])
+def test_ddp_ranks_equal_one_process_on_the_whole_batch(tmp_path, name):
+    out = str(tmp_path / "ddp.pt")
+    mp.spawn(_ddp_rank, args=(2, _free_port(), name, out), nprocs=2, join=True)
+    rank0, rank1 = torch.load(f"{out}.0"), torch.load(f"{out}.1")
+    for a, b in zip(rank0["weights"], rank1["weights"]):
+        assert torch.equal(a, b)
+    # Every sample had its target on every rank once the loss was on (the gathered memory).
+    assert rank0["shares"] == rank1["shares"] == [0.0] * (4 if name == "saf" else 2) + [1.0] * (4 if name == "saf" else 6)
+    model = mlp()
+    opt = build_optimizer(name, model.parameters(), model=model, lr=LR, momentum=MOMENTUM, weight_decay=WD,
+                          **DDP_KW[name])
+    x_all, y_all = dataset()
+    for t, (epoch, ids) in enumerate(schedule(4)):
+        opt.set_progress(epoch + (t % 2) / 2, 4)
+        opt.step(make_closure(model, x_all[ids], y_all[ids], sample_ids=ids))
+    assert_all_close(rank0["weights"], weights(model), rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("name", ["saf", "mesa"])
+def test_bf16_autocast_keeps_memory_and_loss_in_fp32(name):
+    model = mlp(dtype=torch.float32)
+    opt = build_optimizer(name, model.parameters(), model=model, lr=LR, start=0, **({"lookback": 1} if name == "saf" else {}))
+    x_all, y_all = dataset()
+    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    for t, (epoch, ids) in enumerate(schedule(2)):
+        opt.set_progress(epoch + (t % 2) / 2, 2)
+        opt.step(make_closure(model, x_all[ids].float(), y_all[ids], sample_ids=ids, autocast=autocast))
+        assert opt.last_stats["traj_loss"].dtype == torch.float32
+    assert float(opt.last_stats["traj_loss"]) > 0 and all(torch.isfinite(p).all() for p in model.parameters())
+    if name == "saf":
+        assert opt.memory.dtype == torch.float32
