@@ -19,9 +19,10 @@ class GSAM(SAM):
 
         g_s - alpha * g_perp,   g_perp = g - (<g, g_s> / ||g_s||^2) g_s
 
-    (the paper's Algorithm 1: descend on the perturbed loss, ascend along the component of
-    the loss gradient orthogonal to g_s; sign as in juntang-zhuang/GSAM's
-    ``gradient_decompose``, which adds ``vertical`` with ``alpha=-alpha``).
+    (the paper's Algorithm 1, theta_{t+1} = theta_t - lr (g_s - alpha g_perp): descend on the
+    perturbed loss, ascend along the part of the loss gradient orthogonal to g_s, which lowers
+    the surrogate gap L(w+e) - L(w) without changing L(w+e) to first order; the same sign as
+    juntang-zhuang/GSAM's ``gradient_decompose``, which adds ``vertical`` with ``alpha=-alpha``).
 
     rho_t = rho_min + (rho - rho_min) * (lr_t - lr_min) / (lr_max - lr_min) per param group,
     with lr_t the group's lr at this step, lr_max its lr when the optimizer was built (the
@@ -150,8 +151,8 @@ def _all_reduce_mean(tensors: list[torch.Tensor]) -> None:
 
 register_method(MethodInfo(
     name="gsam", cls=GSAM,
-    paper="Zhuang et al., Surrogate Gap Guided Sharpness-Aware Minimization, ICLR 2022 "
-          "(openreview edONMAnhLu-)",
+    paper="Zhuang et al., Surrogate Gap Minimization Improves Sharpness-Aware Training (GSAM, "
+          "surrogate gap guided SAM), ICLR 2022 (arXiv 2203.08065)",
     cost_units=lambda **_: 6.0,
     hparams={"rho": 0.04, "rho_min": 0.02, "alpha": 0.01, "lr_min": 0.0, "adaptive": False},
     stats={"sharpness": "mean loss rise L(w+e) - L(w) over the batch",
