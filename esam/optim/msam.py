@@ -24,6 +24,7 @@ import torch
 
 from esam.optim.base import Closure, SharpnessAwareOptimizer
 from esam.optim.registry import MethodInfo, register_method
+from esam.optim.sam import _by_device
 
 # The base optimizer's state entry that is its momentum, by optimizer.
 MOMENTUM_KEYS = ("momentum_buffer", "exp_avg")
@@ -101,8 +102,11 @@ class MSAM(SharpnessAwareOptimizer):
             c = self._scales[i]
             if c is None:
                 continue
-            for p, v in zip(ps, vs):
-                p.addcmul_(v, c.to(p.device), value=sign)
+            # One op per device; p + sign * v * c exactly as p.addcmul_(v, c, value=sign) computes it.
+            for dev, idx in _by_device(ps).items():
+                c_dev = c.to(dev)
+                torch._foreach_addcmul_([ps[j] for j in idx], [vs[j] for j in idx], [c_dev] * len(idx),
+                                        value=sign)
 
     @torch.no_grad()
     def _new_scales(self) -> None:
