@@ -13,7 +13,8 @@ import pytest
 
 from esam.errors import UserError
 from esam.loggers import wandb_key
-from esam.report import (PAPER, cell_table, cells_markdown, load_runs, load_wandb, push_extra_vs_sgd, row_from_wandb, runs_frame,
+from esam.report import (PAPER, cell_table, cells_markdown, equal_compute_markdown, equal_compute_table, load_runs,
+                         load_wandb, pareto_front, push_extra_vs_sgd, row_from_wandb, runs_frame,
                          select_runs, write_report)
 from esam.train import run
 from conftest import FAST, compose_cfg, run_cli
@@ -309,3 +310,104 @@ def test_cells_split_by_experiment_hyperparameters_and_data(tmp_path):
     # What tells the rows apart is printed: the experiment, the lr, the label noise.
     assert "| demo | digits (label_noise=0) | resnet_digits |" in md
     assert "| digits | digits (label_noise=0.2) |" in md and "| SGD | lr=0.1 |" in md
+
+
+# -- accuracy at equal compute (issue 13) -------------------------------------------------------
+def test_pareto_front_is_what_nothing_cheaper_beats():
+    x = [1.0, 2.0, 2.0, 3.0, 4.0, math.nan, 0.5]
+    y = [80.0, 85.0, 84.0, 85.0, 90.0, 99.0, 70.0]
+    # (2, 84) loses to (2, 85); (3, 85) to (2, 85); NaN is never on it.
+    assert pareto_front(x, y).tolist() == [True, True, False, False, True, False, True]
+
+
+def budget_run(optimizer: str, seed: int, budget: float | None, acc: float, compute: float, wall: float,
+               epochs: int = 4) -> dict:
+    s = digits_run("equal_compute", optimizer, seed, acc, noise=0.2, budget=budget, compute_used=compute,
+                   wall_time_s=wall)
+    s["epochs"] = epochs
+    return s
+
+
+def test_equal_compute_table_and_pareto_plot(tmp_path):
+    runs = [budget_run("sgd", s, 4, 80.0 + s, 4.0, 10.0 + s) for s in (0, 1)]
+    runs += [budget_run("sam", s, 4, 83.0 + 2 * s, 4.0 + 0.02 * s, 11.0, epochs=2) for s in (0, 1)]
+    runs += [budget_run("sgd", s, 8, 85.0 + s, 8.0, 20.0) for s in (0, 1)]
+    runs += [budget_run("sam", 0, 8, 84.0, 8.0, 21.0)]
+    runs += [budget_run("sam", s, None, 88.0, 8.0, 22.0) for s in (0, 1)]  # 4 epochs of SAM, no budget
+    old = summary("digits", "resnet_digits", "sgd", 0, 70.0, 70.0, 1000.0, device="cpu", device_name="x86_64",
+                  precision="fp32", num_threads=1, experiment="digits")  # before compute_used was logged
+    for i, s in enumerate(runs + [old]):
+        write_run(tmp_path / "runs" / f"r{i}", s)
+    frame, curves = load_runs([tmp_path / "runs"])
+    cells = cell_table(frame)
+    assert len(cells) == 6
+    ec = equal_compute_table(cells).set_index(["optimizer", "budget"])
+    assert sorted(ec.index) == [("sam", 4.0), ("sam", 8.0), ("sgd", 4.0), ("sgd", 8.0)]
+    sam4 = ec.loc[("sam", 4.0)]
+    assert (sam4.n, sam4.acc_final_mean, sam4.acc_final_std) == (2, 84.0, pytest.approx(math.sqrt(2)))
+    assert sam4.acc_final_vs_sgd == pytest.approx(84.0 - 80.5) and sam4.epochs_run_mean == 2.0
+    assert sam4.compute_used_mean == pytest.approx(4.01) and sam4.wall_time_s_mean == 11.0
+    assert ec.loc[("sam", 8.0)].acc_final_vs_sgd == pytest.approx(84.0 - 85.5)
+    assert ec.loc[("sgd", 8.0)].acc_final_vs_sgd == 0.0
+
+    md = equal_compute_markdown(equal_compute_table(cells))
+    assert ("| equal_compute | digits | resnet_digits | AMD EPYC 7B13, fp32, 1 thr | 4 | SAM | rho=0.05 | 128 | 2 | "
+            "4.01 ± 0.01 | 2.0 | 11.0 ± 0.0 | 84.00 ± 1.41 | 84.00 ± 1.41 | +3.50 |") in md
+    # Budget 4 before budget 8, SGD before SAM within a budget.
+    assert md.index("| 4 | SGD |") < md.index("| 4 | SAM |") < md.index("| 8 | SGD |") < md.index("| 8 | SAM |")
+
+    files = write_report(frame, curves, tmp_path / "out")
+    text = files["md"].read_text()
+    epochs_part, compute_part = text.split("## At equal compute")
+    assert "| equal_compute | digits | resnet_digits | AMD EPYC 7B13, fp32, 1 thr | SAM | rho=0.05 | 128 | 30 | 2 |" \
+        in epochs_part and "| 4 | SAM |" not in epochs_part  # the budget-free SAM runs, and no budget run
+    assert "| digits | digits | resnet_digits | x86_64, fp32, 1 thr | SGD |" in epochs_part  # old summary kept
+    assert "| 8 | SAM | rho=0.05 | 128 | 1 | 8.00 |" in compute_part and "final vs SGD" in compute_part
+    assert files["pareto"].stat().st_size > 1000
+    table = pd.read_csv(files["csv"])
+    assert set(table.columns) >= {"budget", "compute_used_mean", "compute_used_std", "wall_time_s_mean"}
+    assert table.compute_used_mean.isna().sum() == 1  # only the old summary
+
+
+def test_equal_compute_sweep_composes_every_registered_method_at_each_budget():
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from esam.optim.registry import METHODS
+    from esam.train import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        params = compose("train", overrides=["+sweep=equal_compute"], return_hydra_config=True).hydra.sweeper.params
+        # The jobs Hydra's basic sweeper launches for `python -m esam.train -m +sweep=equal_compute`.
+        parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
+        jobs = BasicSweeper.split_arguments(parser.parse_overrides([f"{k}={v}" for k, v in params.items()]), None)[0]
+        options = sorted({dict(o.split("=", 1) for o in job)["optimizer"] for job in jobs})
+        assert set(METHODS) <= set(options), set(METHODS) - set(options)
+        assert len(jobs) == len(options) * 3 * 3
+        for option in options:
+            job = next(j for j in jobs if f"optimizer={option}" in j)
+            cfg = compose("train", overrides=["+sweep=equal_compute", *job])
+            assert cfg.optimizer.name in METHODS and cfg.experiment_name == "equal_compute"
+            assert cfg.trainer.budget == 5.0 and cfg.dataset.label_noise == 0.2
+        # Another dataset from the command line wins over the sweep's default.
+        assert compose("train", overrides=["+sweep=equal_compute", "dataset=digits"]).dataset.label_noise == 0.0
+
+
+def test_equal_compute_sweep_end_to_end(tmp_path):
+    """A tiny `+sweep=equal_compute` (SGD and SAM, budget 1, one seed) and its report."""
+    sweep = tmp_path / "multirun"
+    proc = run_cli(["-m", "+sweep=equal_compute", "optimizer=sgd,sam", "trainer.budget=1", "seed=0",
+                    "trainer.timing_warmup_steps=1", f"hydra.sweep.dir={sweep}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "report"
+    proc = run_cli([str(sweep), "--out", str(out)], module="esam.report")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = pd.read_csv(out / "table.csv")
+    assert table.budget.tolist() == [1.0, 1.0] and table.optimizer.tolist() == ["sgd", "sam"]
+    assert table.compute_used_mean.tolist() == pytest.approx([1.0, 1.0], rel=0.05)
+    assert (table.wall_time_s_mean > 0).all()
+    md = (out / "table.md").read_text().split("## At equal compute")[1]
+    assert "| equal_compute | digits | resnet_digits |" in md
+    assert "| 1 | SGD |" in md and "| 1 | SAM |" in md and (out / "pareto.png").is_file()

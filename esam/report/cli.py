@@ -24,8 +24,8 @@ def report_markdown(runs: pd.DataFrame, cells: pd.DataFrame, command: str = "") 
              "cell; the newest run counts). runs.csv lists every run with `used` and why not.", ""]
     epochs = cells[cells.budget.isna()]
     budget = equal_compute_table(cells)
-    if not epochs.empty:
-        text += ["## At equal epochs", "", cells_markdown(epochs), ""]
+    text += ["## At equal epochs", ""]
+    text += [cells_markdown(epochs), ""] if not epochs.empty else ["No runs of a fixed number of epochs here.", ""]
     if not budget.empty:
         text += ["## At equal compute", "", equal_compute_markdown(budget), "", COMPUTE_NOTES]
     else:

@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from esam.report.runs import CELL_KEYS, parse_settings
+from esam.report.runs import CELL_KEYS
+from esam.report.tables import headline, shown_settings
 
 PANEL_KEYS = ["dataset", "data", "model", "hardware"]
 
@@ -35,27 +36,28 @@ def _pyplot():
     return plt
 
 
-def _panels(frame: pd.DataFrame) -> list[tuple[tuple, pd.DataFrame]]:
-    return list(frame.groupby(PANEL_KEYS, sort=True, dropna=False))
+def _panels(frame: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """(title, rows) per task: dataset with the settings that tell its panels apart, model, hardware."""
+    out = []
+    for (ds, data, model, hw), part in frame.groupby(PANEL_KEYS, sort=True, dropna=False):
+        same = sorted(set(frame.data[frame.dataset == ds]))
+        shown = dict(zip(same, shown_settings(same))).get(data, "")
+        out.append((f"{ds}{f' ({shown})' if shown else ''} / {model}\n{hw}", part))
+    return out
 
 
-def _title(key: tuple) -> str:
-    ds, data, model, hw = key
-    return f"{ds}{f' ({data})' if data else ''} / {model}\n{hw}"
-
-
-def label(r: Any, length: bool = False) -> str:
-    """METHOD plus its own settings (rho, beta, ...), and the run length where a panel mixes them."""
-    own = " ".join(f"{k}={v}" for k, v in parse_settings(r.hparams).items()
-                   if k not in ("lr", "weight_decay") and not k.startswith("base.") and v not in ("False", "None"))
-    text = f"{str(r.optimizer).upper()}{' ' + own if own else ''}"
-    if length:
-        text += f", budget {r.budget:g}" if not math.isnan(r.budget) else f", {r.epochs:g} ep"
-    return text
-
-
-def _mixes_length(part: pd.DataFrame) -> bool:
-    return part[["epochs", "budget"]].drop_duplicates().shape[0] > 1
+def labels(part: pd.DataFrame) -> list[str]:
+    """Per row: METHOD plus the settings that tell the panel's rows apart (and rho, beta, gamma),
+    and the run length where the panel mixes lengths."""
+    shown = shown_settings(list(part.hparams), always=headline)
+    mixed = part[["epochs", "budget"]].drop_duplicates().shape[0] > 1
+    out = []
+    for (_, r), settings in zip(part.iterrows(), shown):
+        text = f"{str(r.optimizer).upper()}{' ' + settings if settings else ''}"
+        if mixed:
+            text += f", budget {r.budget:g}" if not math.isnan(r.budget) else f", {r.epochs:g} ep"
+        out.append(text)
+    return out
 
 
 def plot_acc_vs_throughput(table: pd.DataFrame, path: Path) -> Path:
@@ -63,11 +65,11 @@ def plot_acc_vs_throughput(table: pd.DataFrame, path: Path) -> Path:
     plt = _pyplot()
     panels = _panels(table)
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
-    for ax, (key, part) in zip(axes[0], panels):
-        for _, r in part.iterrows():
+    for ax, (title, part) in zip(axes[0], panels):
+        for (_, r), text in zip(part.iterrows(), labels(part)):
             ax.errorbar(r.img_per_s_mean, r.acc_best_mean, xerr=_nan0(r.img_per_s_std), yerr=_nan0(r.acc_best_std),
-                        fmt="o", capsize=3, label=f"{label(r, _mixes_length(part))} (n={int(r.n)})")
-        _finish_panel(ax, _title(key), "training images/s (higher is cheaper)", "test accuracy %, best epoch")
+                        fmt="o", capsize=3, label=f"{text} (n={int(r.n)})")
+        _finish_panel(ax, title, "training images/s (higher is cheaper)", "test accuracy %, best epoch")
     return _save(fig, plt, path)
 
 
@@ -79,14 +81,15 @@ def plot_curves(curves: pd.DataFrame, path: Path) -> Path | None:
     panels = _panels(curves)
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
     keys = [k for k in CELL_KEYS if k not in PANEL_KEYS]
-    for ax, (key, part) in zip(axes[0], panels):
-        for cell, g in part.groupby(keys, dropna=False, sort=False):
+    for ax, (title, part) in zip(axes[0], panels):
+        cells = list(part.groupby(keys, dropna=False, sort=False))
+        names = labels(pd.DataFrame([dict(zip(keys, cell)) for cell, _ in cells]))
+        for (cell, g), name in zip(cells, names):
             stats = g.groupby("epoch").test_acc.agg(["mean", "std"]).reset_index()
-            r = pd.Series(dict(zip(keys, cell)))
-            line, = ax.plot(stats.epoch, stats["mean"], label=f"{label(r, _mixes_length(part))} (n={g.source.nunique()})")
+            line, = ax.plot(stats.epoch, stats["mean"], label=f"{name} (n={g.source.nunique()})")
             ax.fill_between(stats.epoch, stats["mean"] - stats["std"].fillna(0), stats["mean"] + stats["std"].fillna(0),
                             color=line.get_color(), alpha=0.2)
-        _finish_panel(ax, _title(key), "epoch", "test accuracy %")
+        _finish_panel(ax, title, "epoch", "test accuracy %")
     return _save(fig, plt, path)
 
 
@@ -101,7 +104,7 @@ def plot_pareto(table: pd.DataFrame, path: Path) -> Path | None:
     panels = _panels(table)
     fig, axes = plt.subplots(2, len(panels), figsize=(4.8 * len(panels), 7.4), squeeze=False)
     axis = (("compute_used", "compute used (SGD-epoch equivalents)"), ("wall_time_s", "training wall time, s"))
-    for col, (key, part) in enumerate(panels):
+    for col, (title, part) in enumerate(panels):
         methods = sorted(part.optimizer.unique(), key=str)
         colors = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
         for row, (x, xlabel) in enumerate(axis):
@@ -118,7 +121,7 @@ def plot_pareto(table: pd.DataFrame, path: Path) -> Path | None:
                 ax.step(xs[front][order], ys[front][order], where="post", color="k", lw=1, alpha=0.6,
                         label="Pareto front")
                 ax.scatter(xs[front], ys[front], s=160, facecolors="none", edgecolors="k", zorder=3)
-            _finish_panel(ax, _title(key), xlabel, "test accuracy %, final (mean ± std)")
+            _finish_panel(ax, title, xlabel, "test accuracy %, final (mean ± std)")
     return _save(fig, plt, path)
 
 

@@ -43,8 +43,9 @@ METHOD_ORDER = {"sgd": 0, "sam": 1, "esam": 2}
 SGD_KEYS = ["dataset", "model", "hardware", "batch_size"]
 # At equal compute, a method is compared with SGD given the same budget in the same experiment.
 BUDGET_KEYS = ["experiment", "dataset", "data", "model", "hardware", "batch_size", "budget"]
-# Optimizer settings every method has: shown only where they differ between rows.
-GENERIC = ("lr", "weight_decay", "base.")
+# Optimizer settings a table always prints where a method has them; any other setting is printed
+# only where rows differ in it (lr, weight_decay, base.*, a method's switches).
+HEADLINE = ("rho", "beta", "gamma")
 
 
 def _key(r: Any, keys: list[str]) -> tuple:
@@ -127,17 +128,19 @@ def equal_compute_table(cells: pd.DataFrame) -> pd.DataFrame:
 
 # -- Markdown ---------------------------------------------------------------------------------
 def shown_settings(values: list[str], always: Callable[[str], bool] = lambda k: False) -> list[str]:
-    """Per row, the settings worth printing: keys whose value is not the same in every row (or
-    that ``always`` names); flags that are off are left out."""
+    """Per row, the settings worth printing: keys with more than one value among the rows that
+    have them (or that ``always`` names); flags that are off are left out."""
     parsed = [parse_settings(v) for v in values]
     keys = {k for p in parsed for k in p}
-    varying = {k for k in keys if len({p.get(k) for p in parsed}) > 1}
+    varying = {k for k in keys if len({p[k] for p in parsed if k in p}) > 1}
     return [" ".join(f"{k}={v}" for k, v in p.items() if (k in varying or always(k)) and v not in ("False", "None"))
             for p in parsed]
 
 
-def _method_key(k: str) -> bool:
-    return not any(k == g or (g.endswith(".") and k.startswith(g)) for g in GENERIC)
+def headline(k: str) -> bool:
+    """The settings every row shows where its method has them (the paper's ρ, β, γ); the rest only
+    where rows differ in them."""
+    return k in HEADLINE
 
 
 def _pm(mean: float, std: float, n: int, digits: int = 2) -> str:
@@ -151,8 +154,12 @@ def _num(v: Any, fmt: str = "{:g}") -> str:
 
 
 def _dataset(table: pd.DataFrame) -> list[str]:
-    data = shown_settings(list(table.data))
-    return [f"{d} ({s})" if s else str(d) for d, s in zip(table.dataset, data)]
+    """The dataset, with the settings that tell its rows apart (label_noise=0.2), compared only
+    between rows of the same dataset."""
+    shown = pd.Series("", index=table.index, dtype=object)
+    for _, part in table.groupby("dataset", sort=False):
+        shown[part.index] = shown_settings(list(part.data))
+    return [f"{d} ({s})" if s else str(d) for d, s in zip(table.dataset, shown)]
 
 
 def _row(cells: list[str]) -> str:
@@ -168,7 +175,7 @@ def cells_markdown(table: pd.DataFrame) -> str:
     head += ["compute (SGD-epochs)"] * with_compute
     head += [{"acc": "paper acc %", "img_per_s": "paper img/s", "compute_pct": "paper vs SGD"}[c] for c in paper_cols]
     lines = [_row(head), "|" + "|".join(["---"] * 6 + ["---:"] * (len(head) - 6)) + "|"]
-    hp = shown_settings(list(table.hparams), always=_method_key)
+    hp = shown_settings(list(table.hparams), always=headline)
     for (_, r), dataset, settings in zip(table.iterrows(), _dataset(table), hp):
         n = int(r.n)
         cells = [str(r.experiment), dataset, str(r.model), str(r.hardware), str(r.optimizer).upper(), settings,
@@ -187,7 +194,7 @@ def equal_compute_markdown(table: pd.DataFrame) -> str:
     head = ["experiment", "dataset", "model", "hardware", "budget (SGD-epochs)", "method", "settings", "batch", "n",
             "compute used", "epochs run", "wall time s", "test acc % (final)", "test acc % (best)", "final vs SGD"]
     lines = [_row(head), "|" + "|".join(["---"] * 4 + ["---:", "---", "---"] + ["---:"] * (len(head) - 7)) + "|"]
-    hp = shown_settings(list(table.hparams), always=_method_key)
+    hp = shown_settings(list(table.hparams), always=headline)
     for (_, r), dataset, settings in zip(table.iterrows(), _dataset(table), hp):
         n = int(r.n)
         cells = [str(r.experiment), dataset, str(r.model), str(r.hardware), _num(r.budget),
