@@ -35,6 +35,10 @@ bench: install ## Side-by-side overhead benchmark on ResNet-18 into outputs/benc
 bench-trainer: install ## Trainer's SGD images/s vs the bench's bare SGD steps, interleaved (ARGS=--publish writes results/bench/)
 	$(PYTHON) -m esam.bench.pipeline $(ARGS)
 
+.PHONY: gpu-check
+gpu-check: ## CUDA tests, bench, trainer vs bench, 2-epoch runs on one GPU (scripts/gpu_check.sh; ARGS='--quick --wheels DIR' or --dry-run)
+	bash scripts/gpu_check.sh $(ARGS)
+
 models: install ## Parameter counts and FLOPs of every model into results/models.md
 	$(PYTHON) scripts/model_table.py --output results/models.md
 

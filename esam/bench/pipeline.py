@@ -29,9 +29,11 @@ from esam.train import CONFIG_DIR, run
 
 
 def compare(steps: int, rounds: int, precision: str, model: str, batch_size: int,
-            num_threads: int = 0, device: str = "auto") -> dict:
-    """Interleave trainer epochs and bench SGD blocks; return per-round images/s and the ratios."""
-    common = [f"model={model}", "dataset=synthetic", f"dataset.batch_size={batch_size}"]
+            num_threads: int = 0, device: str = "auto", overrides: tuple[str, ...] = ()) -> dict:
+    """Interleave trainer epochs and bench SGD blocks; return per-round images/s and the ratios.
+
+    ``overrides`` (dataset.* / model.* keys) apply to both sides, e.g. a smaller synthetic set."""
+    common = [f"model={model}", "dataset=synthetic", f"dataset.batch_size={batch_size}", *overrides]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         bench_cfg = compose("bench", overrides=[*common, f"precision={precision}", "methods=[sgd]",
                                                 f"num_threads={num_threads}", "warmup_steps=3", f"device={device}"])
@@ -115,6 +117,8 @@ def main(argv: list[str] | None = None, prog: str = "esam.bench.pipeline") -> No
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--num-threads", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a dataset.* or model.* override for both sides, e.g. --set dataset.num_train=512")
     p.add_argument("--out", default=None, help="write <out>.md and <out>.json (default: a fresh run folder)")
     p.add_argument("--publish", action="store_true", help=f"write into {PUBLISH_DIR}/ (the committed results)")
     p.add_argument("--min-pct", type=float, default=None,
@@ -124,7 +128,7 @@ def main(argv: list[str] | None = None, prog: str = "esam.bench.pipeline") -> No
     if args.out and args.publish:
         p.error("--publish writes into results/bench/; --out names another place: give one of them")
     res = compare(args.steps, args.rounds, args.precision, args.model, args.batch_size, args.num_threads,
-                  args.device)
+                  args.device, tuple(args.set))
     text = format_result(res, " ".join([f"python -m {prog}", *argv]))
     print(text)
     stem = output_stem(args, res)
