@@ -239,7 +239,7 @@ class BenchConfig:
     repeats: int = 32                     # blocks per method
     warmup_steps: int = 3
     phase_steps: int = 3                  # steps of the per-phase pass (0 = skip it)
-    flop_steps: int = 4                   # steps whose FLOPs are counted and averaged
+    flop_steps: int = 5                   # steps whose FLOPs are counted and averaged
     num_batches: int = 4                  # distinct batches, cycled
     max_foreign_cpu: float = 0.1          # leave out blocks where other processes used more CPU
     grid: BenchGridConfig = field(default_factory=BenchGridConfig)

@@ -112,7 +112,7 @@ def resolve_method(name: str, cfg: DictConfig, extra: dict[str, Any] | None = No
                             f"e.g. '+variants.{name}={{optimizer:esam,beta:0.4}}'")
         where = f"variants.{name}"
     else:
-        option, settings, where = name, {}, f"methods: {name}"
+        option, settings, where = name, {}, "methods"
     return compose_method(name, str(option), {**common, **settings, **(extra or {})}, where)
 
 
