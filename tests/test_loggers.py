@@ -65,18 +65,21 @@ def read_offline_run(run_dir: Path) -> dict:
     return out
 
 
-def run_isolated(tmp_path: Path, code: str, run_dir: Path, **env: str) -> subprocess.CompletedProcess:
-    """``code`` (with ``run_dir`` as sys.argv[1]) in a fresh Python whose wandb has no account, no
-    settings and no reachable server."""
+def isolated_env(tmp_path: Path) -> dict[str, str]:
+    """An environment whose wandb has no account, no settings and no reachable server."""
     home = tmp_path / "home"
     home.mkdir(exist_ok=True)
-    base = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "NETRC": str(home / ".netrc"),
+    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "NETRC": str(home / ".netrc"),
             "WANDB_DIR": str(tmp_path / "wandb_dir"), "WANDB_CONFIG_DIR": str(home / "wandb_config"),
             "WANDB_CACHE_DIR": str(home / "wandb_cache"), "WANDB_DATA_DIR": str(home / "wandb_data"),
             "WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_ERROR_REPORTING": "false",
-            "WANDB_DISABLE_GIT": "true", "WANDB_SILENT": "true"}
-    return subprocess.run([sys.executable, "-c", code, str(run_dir)], cwd=REPO, env={**base, **env}, capture_output=True,
-                          text=True, timeout=300)
+            "WANDB_DISABLE_GIT": "true", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0"}
+
+
+def run_isolated(tmp_path: Path, code: str, run_dir: Path, **env: str) -> subprocess.CompletedProcess:
+    """``code`` (with ``run_dir`` as sys.argv[1]) in a fresh Python with :func:`isolated_env`."""
+    return subprocess.run([sys.executable, "-c", code, str(run_dir)], cwd=REPO, env={**isolated_env(tmp_path), **env},
+                          capture_output=True, text=True, timeout=300)
 
 
 LOG_A_RUN = """
@@ -258,3 +261,22 @@ def test_dashboard_panels_plot_the_keys_runs_log():
     assert used <= written, used - written
     scatter = {(p["x"], p["y"][0]) for p in panels if p["kind"] == "scatter"}
     assert (COMPUTE_USED, ACC_FINAL) in scatter and (WALL_TIME, ACC_FINAL) in scatter
+
+
+def test_a_training_run_without_a_wandb_login_completes_and_writes_its_folder(tmp_path):
+    """`logger=wandb` with no API key: the run trains, writes metrics.jsonl and summary.json, and
+    says once what to do; its wandb record is offline in the run folder."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "esam.train", "logger=wandb", "trainer=debug", "trainer.progress=false",
+         "trainer.precision=fp32", "trainer.timing_warmup_steps=1", "trainer.num_threads=1", f"hydra.run.dir={run_dir}"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+        env={**isolated_env(tmp_path), "WANDB_MODE": "online"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    warns = warnings_of(proc.stderr)
+    assert len(warns) == 1 and "`wandb login`" in warns[0], proc.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(epochs) == summary["epochs"] >= 1
+    assert read_offline_run(run_dir)["summary"][ACC_FINAL] == summary["test_acc_final"]

@@ -13,7 +13,7 @@ import pytest
 
 from esam.errors import UserError
 from esam.loggers import wandb_key
-from esam.report import (PAPER, cell_table, cells_markdown, equal_compute_markdown, equal_compute_table, load_runs,
+from esam.report import (PAPER, cell_table, curves_from_wandb, cells_markdown, equal_compute_markdown, equal_compute_table, load_runs,
                          load_wandb, pareto_front, push_extra_vs_sgd, row_from_wandb, runs_frame,
                          select_runs, write_report)
 from esam.train import run
@@ -205,6 +205,16 @@ def test_wandb_runs_convert_to_the_same_rows():
     assert t.loc["sam"].n == 2 and t.loc["sam"].compute_vs_sgd_pct == pytest.approx(200.0)
     assert len(curves) == 3 * 2 and set(curves.epoch) == {1, 2}  # the old run has no history
     assert "| SAM | rho=0.05 |" in cells_markdown(cell_table(frame))
+
+    # The compute keys esam.loggers puts in a run's summary come back as the report's columns.
+    s = budget_run("sam", 3, 4, 84.0, 4.02, 11.5, epochs=2)
+    s["config"]["trainer"]["budget"] = None  # wandb's config may lack it: the summary's budget counts
+    budget = FakeRun("f", {wandb_key(k): v for k, v in s.items() if isinstance(v, (int, float, str))},
+                     {"experiment_name": "equal_compute", **s["config"]},
+                     [{"epoch": 1, "test/acc": 80.0, "compute/used": 2.01, "perf/wall_time_s": 5.0}])
+    row = row_from_wandb(budget)
+    assert (row["budget"], row["compute_used"], row["wall_time_s"], row["epochs_run"]) == (4.0, 4.02, 11.5, 2.0)
+    assert curves_from_wandb(budget, row)[0]["compute_used"] == 2.01
 
     assert push_extra_vs_sgd(kept, frame) == 4
     assert runs[2].summary.pushed == {"perf/extra_vs_sgd_pct": pytest.approx(100.0)}

@@ -7,7 +7,7 @@ from typing import Any
 import pandas as pd
 
 from esam.errors import UserError
-from esam.loggers import summary_key
+from esam.loggers import summary_key, wandb_key
 from esam.report.runs import curve_point, curves_frame, run_row, runs_frame
 from esam.report.tables import extra_vs_sgd_per_run
 
@@ -56,9 +56,9 @@ def row_from_wandb(run: Any) -> dict[str, Any] | None:
 
 
 def curves_from_wandb(run: Any, row: dict[str, Any]) -> list[dict[str, Any]]:
-    hist = run.history(keys=["epoch", "test/acc", "train/loss"], pandas=False)
-    return [curve_point(row, {"epoch": h["epoch"], "test_acc": h.get("test/acc"), "train_loss": h.get("train/loss")})
-            for h in hist if "epoch" in h]
+    keys = {wandb_key(k): k for k in ("epoch", "test_acc", "train_loss", "compute_used", "wall_time_s")}
+    hist = run.history(keys=list(keys), pandas=False)
+    return [curve_point(row, {ours: h.get(theirs) for theirs, ours in keys.items()}) for h in hist if "epoch" in h]
 
 
 def load_wandb(project: str, group: str | None = None, api: Any = None) -> tuple[pd.DataFrame, pd.DataFrame, list]:
