@@ -27,7 +27,8 @@ class GSAM(SAM):
     rho_t = rho_min + (rho - rho_min) * (lr_t - lr_min) / (lr_max - lr_min) per param group,
     with lr_t the group's lr at this step, lr_max its lr when the optimizer was built (the
     peak of the schedule) and ``rho`` the paper's rho_max; rho_t = rho if lr_max <= lr_min
-    (as the authors' ProportionScheduler). Cost 6 units, as SAM.
+    (as the authors' ProportionScheduler). Cost 6 units, as SAM; memory: one extra copy of the
+    gradients (g, kept while e takes its place in .grad).
 
     DDP (as the authors' code): both backward passes stay local, each rank decomposes its own
     gradients, and the final direction is averaged over the ranks by one all-reduce.

@@ -90,6 +90,7 @@ class KSAM(SAM):
 register_method(MethodInfo(
     name="ksam", cls=KSAM,
     paper="Ni et al., K-SAM: Sharpness-Aware Minimization at the Speed of SGD, 2022 (arXiv 2210.12864)",
+    # from k_frac; with a fixed count k > 0 it depends on the batch (opt.last_cost is exact)
     cost_units=lambda k_frac, **_: 1.0 + 6.0 * k_frac,
     hparams={"rho": 0.05, "k_frac": 0.1, "k": 0, "adaptive": False},
     stats={"sharpness": "mean loss rise L(w+e) - L(w) over the k selected samples",

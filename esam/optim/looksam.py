@@ -37,7 +37,8 @@ class LookSAM(SAM):
     one vector; some public versions project per tensor instead).
 
     Cost: 6 units on a SAM step, 3 on the others, 3 + 3/k on average. ``last_stats['sam_step']``
-    is 1.0 on SAM steps, so the epoch mean is the share of sharpness-aware steps.
+    is 1.0 on SAM steps, so the epoch mean is the share of sharpness-aware steps. Memory: one
+    extra copy of the gradients (g_v, which holds g during a SAM step), kept in checkpoints.
 
     DDP: the first backward of a SAM step is all-reduced too (unlike SAM's local one), so g,
     e and hence g_v are the same on every rank and the cheap steps, whose gradient is the
