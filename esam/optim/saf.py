@@ -82,6 +82,9 @@ class _TrajectoryMethod(SharpnessAwareOptimizer):
         traj, have = self._trajectory(closure, logits, epoch)
         if traj is not None:
             loss = loss + self.lam * traj
+        # Bench segments: first_pass.fwd, first_pass.bwd (SAF's memory traffic, the KL),
+        # ema_forward (MESA), backward, base_update.
+        self._phase("backward")
         self._backward(loss, grad_scaler)
         self._base_step(grad_scaler)
         self._after_step()
@@ -296,7 +299,7 @@ class MESA(_TrajectoryMethod):
     def _targets(self, closure: Closure, logits: torch.Tensor, epoch: int):
         if epoch <= self.start:
             return None  # the EMA still moves every step; its forward waits for the loss to need it
-        self._phase("ema_pass")
+        self._phase("ema_forward")
         with torch.no_grad(), self._ema_weights():
             _, ema_logits = closure(return_logits=True)
         return ema_logits, None
