@@ -1,0 +1,86 @@
+"""Summarise a hyper-parameter search on the CPU benchmark: one row per setting (mean ± std over
+seeds) and each SAM-like setting's gap over SGD at the same noise, epochs, lr and model.
+
+    python scripts/cpu_benchmark_search.py multirun/cpu-search/s1 [more dirs] [--csv runs.csv]
+
+esam.report groups runs by method, rho/beta/gamma and epochs only; a search also varies the label
+noise and the lr, so this reads those from each run's config (summary.json's "config").
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import pandas as pd
+
+from esam.report import find_summaries
+
+# (column, dotted config key): what the search varies besides the seed.
+SETTING = [("noise", "dataset.label_noise"), ("model", "model.name"), ("epochs", "trainer.epochs"),
+           ("lr", "optimizer.lr"), ("wd", "optimizer.weight_decay"), ("method", "optimizer.label"),
+           ("rho", "optimizer.rho"), ("beta", "optimizer.beta"), ("gamma", "optimizer.gamma")]
+BASELINE_KEYS = ["noise", "model", "epochs", "lr", "wd"]
+
+
+def dig(config: dict, dotted: str):
+    for k in dotted.split("."):
+        config = config.get(k) if isinstance(config, dict) else None
+    return config
+
+
+def load(paths: list[str]) -> pd.DataFrame:
+    rows = []
+    for path in find_summaries(paths):
+        s = json.loads(path.read_text())
+        rows.append({**{col: dig(s["config"], key) for col, key in SETTING}, "seed": s["seed"],
+                     "final": s["test_acc_final"], "best": s["test_acc_best"], "run_dir": str(path.parent)})
+    return pd.DataFrame(rows)
+
+
+def settings_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Mean/std per setting; for non-SGD rows the gap over SGD (final accuracy) and whether it
+    exceeds twice the larger of the two seed stds."""
+    keys = [c for c, _ in SETTING]
+    g = runs.fillna({"rho": -1, "beta": -1, "gamma": -1}).groupby(keys, sort=True)
+    t = g.agg(n=("final", "size"), final=("final", "mean"), final_std=("final", "std"),
+              best=("best", "mean"), best_std=("best", "std")).reset_index()
+    sgd = t[t.method == "sgd"].set_index(BASELINE_KEYS)[["final", "final_std"]]
+    gaps, clears = [], []
+    for r in t.itertuples():
+        key = tuple(getattr(r, k) for k in BASELINE_KEYS)
+        if r.method == "sgd" or key not in sgd.index:
+            gaps.append(None), clears.append("")
+            continue
+        base = sgd.loc[key]
+        gap = r.final - base.final
+        gaps.append(round(gap, 2))
+        clears.append("yes" if gap > 2 * max(r.final_std, base.final_std) else "no")
+    t["gap_vs_sgd"], t["gap_gt_2std"] = gaps, clears
+    return t.replace({-1: None})
+
+
+def markdown(t: pd.DataFrame) -> str:
+    head = ["noise", "model", "epochs", "lr", "wd", "method", "ρ", "n", "final acc %", "best acc %",
+            "final gap vs SGD", "> 2 std"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in t.itertuples():
+        rho = "" if r.rho is None or pd.isna(r.rho) else f"{r.rho:g}"
+        gap = "" if r.gap_vs_sgd is None or pd.isna(r.gap_vs_sgd) else f"{r.gap_vs_sgd:+.2f}"
+        lines.append(f"| {r.noise:g} | {r.model} | {r.epochs} | {r.lr:g} | {r.wd:g} | {r.method} | {rho} | {r.n} "
+                     f"| {r.final:.2f} ± {r.final_std:.2f} | {r.best:.2f} ± {r.best_std:.2f} | {gap} | {r.gap_gt_2std} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("paths", nargs="+", help="multirun or run folders")
+    parser.add_argument("--csv", help="also write one row per run here")
+    args = parser.parse_args()
+    runs = load(args.paths)
+    if args.csv:
+        runs.drop(columns="run_dir").sort_values([c for c, _ in SETTING] + ["seed"]).to_csv(args.csv, index=False)
+    print(markdown(settings_table(runs)))
+
+
+if __name__ == "__main__":
+    main()
