@@ -78,3 +78,10 @@ table: install ## Report of every run below RUNS (default: outputs multirun) int
 reproduce-digits: install ## The CPU reproduction in results/digits: digits sweep, then its report
 	$(PYTHON) -m esam.train -m +sweep=digits hydra.sweep.dir=$(DIGITS_DIR) $(ARGS)
 	$(PYTHON) -m esam.report $(DIGITS_DIR) --out results/digits
+
+CPU_DIR ?= multirun/cpu_benchmark/$(STAMP_NOW)
+.PHONY: reproduce-cpu
+reproduce-cpu: install ## The CPU benchmark in results/cpu-benchmark: digits with 40% label noise, every method x 5 seeds, then its report
+	$(PYTHON) -m esam.train -m +sweep=cpu_benchmark_base hydra.sweep.dir=$(CPU_DIR)/base $(ARGS)
+	$(PYTHON) -m esam.train -m +sweep=cpu_benchmark hydra.sweep.dir=$(CPU_DIR)/sam_family $(ARGS)
+	$(PYTHON) -m esam.report $(CPU_DIR) --out results/cpu-benchmark
