@@ -242,3 +242,18 @@ def test_methods_that_vary_by_step_are_timed_over_the_window_and_reported_by_the
     assert df.loc["late", "stat"] == "mean" and df.loc["sgd", "stat"] == "median"
     assert df.loc["late", "ms_step"] == pytest.approx(df.loc["late", "ms_mean"])
     assert math.isnan(df.loc["late", "beta"])
+
+
+def test_every_registered_method_runs_in_the_bench(tmp_path):
+    """A new method (module + conf/optimizer file) gets the bench for free: FLOPs, time, both costs.
+    SAF/MESA key their memory by dataset index, so the bench's closures carry sample ids too."""
+    from esam.bench import registered_options
+
+    names = registered_options()
+    cfg = bench_cfg(tmp_path, f"methods=[{','.join(names)}]", "repeats=1", "steps=1", "flop_steps=1",
+                    "phase_steps=0", "warmup_steps=0", "plot=false")
+    df = run(cfg, log=lambda _: None)["table"].set_index("method")
+    assert list(df.index) == names
+    assert (df.gflops_step > 0).all() and (df.ms_step > 0).all() and (df.cost_measured > 0).all()
+    for name in names:
+        assert df.loc[name, "cost_units"] > 0 and math.isfinite(df.loc[name, "cost_model_extra_pct"]), name

@@ -157,9 +157,9 @@ class Bench:
         data_kwargs = OmegaConf.to_container(cfg.dataset, resolve=True)
         data_kwargs.update(seed=cfg.seed, drop_last=True, device=self.device, channels_last=self.channels_last)
         data = build_data(data_kwargs.pop("name"), **data_kwargs)
-        self.batches = []
-        for x, y in data.train.batches(0):
-            self.batches.append((x, y))
+        self.batches = []  # (images, labels, dataset indices): SAF/MESA key their memory by sample
+        for batch in data.train.batches(0, with_indices=True):
+            self.batches.append(batch)
             if len(self.batches) == cfg.num_batches:
                 break
         if not self.batches:
@@ -185,10 +185,10 @@ class Bench:
             self.grad_scaler = {m.name: torch.amp.GradScaler(self.device.type) for m in self.methods}
 
     # -- one step ------------------------------------------------------------------
-    def closure(self, m: Method, x: torch.Tensor, y: torch.Tensor) -> Callable:
+    def closure(self, m: Method, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor) -> Callable:
         """The trainer's closure builder; the per-phase pass cuts its segments at each forward's end."""
         return make_closure(m.model, x, y, autocast=lambda: autocast_context(self.precision, self.device),
-                            channels_last=self.channels_last,
+                            channels_last=self.channels_last, sample_ids=ids,
                             on_forward_end=m.segments.on_forward_end if m.segments is not None else None)
 
     def progress(self, i: int, n: int) -> float:
@@ -197,13 +197,13 @@ class Bench:
         return w.start + (w.end - w.start) * (i / (n - 1) if n > 1 else 0.0)
 
     def step(self, m: Method, progress: Optional[float] = None) -> None:
-        x, y = self.batches[m.step_index % len(self.batches)]
+        x, y, ids = self.batches[m.step_index % len(self.batches)]
         m.step_index += 1
         epochs = float(self.cfg.window.epochs)
         p = self.cfg.window.start if progress is None else progress
         m.opt.set_progress(p * epochs, epochs)  # as the trainer does before every step
         scaler = self.grad_scaler[m.name] if self.grad_scaler else None
-        m.opt.step(self.closure(m, x, y), grad_scaler=scaler)
+        m.opt.step(self.closure(m, x, y, ids), grad_scaler=scaler)
 
     def timed_step(self, m: Method, progress: Optional[float] = None) -> float:
         t0 = time.perf_counter()
