@@ -94,8 +94,14 @@ step() {
 { command -v nvidia-smi >/dev/null && nvidia-smi || echo "nvidia-smi: not found"; } > "$OUT/nvidia-smi.txt" 2>&1
 DRIVER="$(command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=driver_version --format=csv,noheader | head -1 || echo none)"
 
-if ! "$PY" -c "import esam, pathlib, sys; sys.exit(0 if pathlib.Path(esam.__file__).resolve().parent == pathlib.Path('$REPO/esam') else 1)" 2>/dev/null; then
+esam_here() { "$PY" -c "import esam, pathlib, sys; sys.exit(0 if pathlib.Path(esam.__file__).resolve().parent == pathlib.Path('$REPO/esam') else 1)" 2>/dev/null; }
+if ! esam_here; then
     step install-esam 300 "$PY" -m pip install --no-deps --no-build-isolation -e "$REPO"
+    if ! esam_here; then  # e.g. no setuptools to build with: run from the checkout instead
+        export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+        echo "note: esam runs from $REPO through PYTHONPATH" | tee -a "$OUT/logs/install-esam.log"
+        esam_here && FAILED=0  # the first step: nothing else has failed yet
+    fi
 fi
 MISSING="$("$PY" - <<'EOF'
 import importlib.util
