@@ -30,10 +30,28 @@ RECIPES = {
 GRID = ([(ds, m) for ds in ("cifar10", "cifar100") for m in ("resnet18", "wrn28_10", "pyramidnet110")]
         + [("imagenet", m) for m in ("resnet50", "resnet101")])
 NAMES = [f"{ds}_{m}_{opt}" for ds, m in GRID for opt in METHODS]
+# The efficient-SAM field (issue 12) on CIFAR-10/100 x ResNet-18/WRN-28-10.
+FIELD = ("looksam", "gsam", "ksam", "latesam", "rst", "aesam", "msam", "saf", "mesa")
+FIELD_NAMES = [f"{ds}_{m}_{opt}" for ds in ("cifar10", "cifar100") for m in ("resnet18", "wrn28_10")
+               for opt in FIELD]
 
 
-def test_the_folder_holds_exactly_the_paper_grid():
-    assert sorted(p.stem for p in EXPERIMENTS.glob("*.yaml")) == sorted(NAMES)
+def test_the_folder_holds_exactly_the_paper_grid_and_the_field():
+    assert sorted(p.stem for p in EXPERIMENTS.glob("*.yaml")) == sorted(NAMES + FIELD_NAMES)
+
+
+@pytest.mark.parametrize("name", FIELD_NAMES)
+def test_field_experiments_are_the_recipe_plus_the_method(name):
+    """Every method runs on the same recipe as SGD/SAM/ESAM; SAM-based ones at SAM's rho there."""
+    cfg = compose_cfg([f"experiment={name}"])
+    ds, _, rest = name.partition("_")
+    model, _, method = rest.rpartition("_")
+    sam = compose_cfg([f"experiment={ds}_{model}_sam"])
+    assert cfg.optimizer.name == method and cfg.experiment_name == f"{ds}_{model}"
+    assert (cfg.dataset, cfg.model, cfg.trainer.epochs) == (sam.dataset, sam.model, sam.trainer.epochs)
+    assert (cfg.optimizer.lr, cfg.optimizer.weight_decay) == (sam.optimizer.lr, sam.optimizer.weight_decay)
+    if method not in ("msam", "saf", "mesa"):
+        assert cfg.optimizer.rho == sam.optimizer.rho
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -106,7 +124,8 @@ def compose_with_hydra(overrides: list[str]):
 
 @pytest.mark.parametrize("sweep,params", [
     ("digits", {"optimizer": "sgd,sam,esam", "seed": "0,1,2"}),
-    ("paper", {"experiment": "glob(cifar*)", "seed": "0,1,2"}),
+    ("paper", {"experiment": "glob([cifar*_sgd,cifar*_sam,cifar*_esam])", "seed": "0,1,2"}),
+    ("efficient_sam", {"experiment": "glob([cifar*_resnet18_*,cifar*_wrn28_10_*])", "seed": "0,1,2"}),
     ("paper_imagenet", {"experiment": "glob(imagenet*)", "seed": "0"}),
     ("esam_ablation", {"experiment": "cifar10_resnet18_esam", "optimizer.beta": "0.4,0.5,0.6,0.8,1.0",
                        "optimizer.gamma": "0.3,0.5,0.7,1.0", "seed": "0"}),
