@@ -50,8 +50,8 @@ while [ $# -gt 0 ]; do
 done
 
 # The packages the check needs besides what the bare machine has (torch, timm, pandas, matplotlib).
-REQUIRED="hydra-core==1.3.8 omegaconf==2.3.1 antlr4-python3-runtime==4.9.3 PyYAML pytest==9.2.0"
-OPTIONAL="pytest-timeout==2.4.0 tqdm==4.70.1"
+REQUIRED="hydra-core==1.3.8 omegaconf==2.3.1 antlr4-python3-runtime==4.9.3 PyYAML pytest==9.2.0 tqdm==4.70.1"
+OPTIONAL="pytest-timeout==2.4.0"
 if [ -n "$DOWNLOAD" ]; then
     mkdir -p "$DOWNLOAD"
     exec "$PY" -m pip download -d "$DOWNLOAD" $REQUIRED $OPTIONAL
@@ -106,7 +106,7 @@ fi
 MISSING="$("$PY" - <<'EOF'
 import importlib.util
 need = {"hydra": "hydra-core==1.3.8", "omegaconf": "omegaconf==2.3.1", "antlr4": "antlr4-python3-runtime==4.9.3",
-        "yaml": "PyYAML", "pytest": "pytest==9.2.0"}
+        "yaml": "PyYAML", "pytest": "pytest==9.2.0", "tqdm": "tqdm==4.70.1"}  # tqdm: the trainer's progress bar
 print(" ".join(pkg for mod, pkg in need.items() if importlib.util.find_spec(mod) is None))
 EOF
 )"
@@ -117,7 +117,7 @@ if [ -n "$MISSING" ]; then
     fi
     "$PY" -c "import torch; print(f'torch=={torch.__version__}')" > "$OUT/constraints.txt"
     step install-deps 300 "$PY" -m pip install --no-index --find-links "$WHEELS" -c "$OUT/constraints.txt" $MISSING
-    for pkg in $OPTIONAL; do  # nice to have: pytest's per-test timeout, the progress bar
+    for pkg in $OPTIONAL; do  # nice to have: pytest's per-test timeout (pyproject.toml sets one)
         "$PY" -m pip install -q --no-index --find-links "$WHEELS" -c "$OUT/constraints.txt" "$pkg" >/dev/null 2>&1 || true
     done
 fi
