@@ -146,3 +146,14 @@ def test_every_base_optimizer_composes_with_every_method(base):
         assert type(opt.base_optimizer) is expected
         if base == "nesterov":
             assert opt.param_groups[0]["nesterov"] is True
+
+
+def test_docs_methods_table_is_generated_from_the_registry():
+    """docs/methods.md is what `python scripts/methods_table.py --output docs/methods.md` writes."""
+    import importlib.util
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("methods_table", REPO / "scripts" / "methods_table.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert (REPO / "docs" / "methods.md").read_text() == mod.methods_markdown()
