@@ -178,7 +178,7 @@ bench() {  # bench NAME SECONDS OVERRIDES...
     local name="$1" limit="$2"; shift 2
     local tag=()
     [ "$DRY" = 1 ] && tag=("tag=$name")  # the dry run uses one tiny model for all three
-    step "bench-$name" "$limit" "$PY" -m esam.bench "$@" "${BENCH_SIZE[@]}" "${tag[@]}" "methods=[$BENCH_METHODS]" \
+    step "bench-$name" "$limit" "$PY" -m esam.bench "$@" "${BENCH_SIZE[@]}" ${tag[@]+"${tag[@]}"} "methods=[$BENCH_METHODS]" \
         "results_dir=$OUT/bench" "hydra.run.dir=$OUT/hydra/bench-$name"
 }
 bench resnet18-bf16 "$T_BENCH" "${R18[@]}" precision=bf16
