@@ -162,9 +162,11 @@ class TrainerConfig:
     limit_test_batches: int = 0
     checkpoint_every: int = 1             # epochs; 0 = only at the end and on signals
     keep_best: bool = True
-    resume: Optional[str] = None          # null | auto | path/to/checkpoint.pt
+    resume: Optional[str] = None          # null | auto | <run folder> (continue there) | <file.pt> (new folder)
     progress: bool = True
     num_threads: int = 0                  # CPU threads for torch; 0 = torch's default
+    budget: Optional[float] = None        # stop after this compute, in SGD epochs (SAM gets ~half); null = off
+    check_every: int = 50                 # steps between host reads of the device (non-finite loss, DDP stop)
 
 
 @dataclass

@@ -5,7 +5,9 @@
 """
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from omegaconf import DictConfig
 import esam.config  # noqa: F401  (registers the schemas before Hydra composes)
 from esam.errors import UserError
 
+log = logging.getLogger("esam")
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 # The trainer checkpoints on SIGUSR1 (and SIGTERM); make it the signal submitit asks Slurm for
@@ -57,14 +60,49 @@ class CheckOutputDir(Callback):
 
 def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Train one run described by ``cfg`` into ``run_dir``; returns the summary."""
-    from esam.trainer import Trainer
+    from esam.engine import Trainer
 
     return Trainer(cfg, run_dir).fit()
+
+
+def resume_into_its_folder(argv: list[str]) -> list[str]:
+    """``trainer.resume=<run folder>`` continues that run in that folder: the folder becomes the
+    Hydra run folder (as for a Slurm job that submitit requeues), unless hydra.run.dir is given."""
+    if any(a in ("-m", "--multirun") or a.startswith("hydra.run.dir=") for a in argv):
+        return argv
+    for a in argv:
+        key, _, value = a.partition("=")
+        if key.lstrip("+") == "trainer.resume" and value not in ("", "auto", "none", "null") and Path(value).is_dir():
+            return [*argv, f"hydra.run.dir={value}"]
+    return argv
+
+
+def remove_if_unused(run_dir: str | Path) -> None:
+    """A run that failed before training leaves no folder behind: only what Hydra and the build
+    put there (its config, an empty train.log, an empty checkpoints/) is removed, never results."""
+    run_dir = Path(run_dir)
+    ours = {".hydra", "train.log", "checkpoints"}
+    try:
+        entries = list(run_dir.iterdir())
+    except OSError:
+        return
+    if any(p.name not in ours for p in entries) or any((run_dir / "checkpoints").glob("*")):
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def plain_console() -> None:
+    """Hydra logs to the console and to the run folder's train.log; the console keeps the bare
+    lines (no timestamps: the epoch lines are the table a user watches), train.log keeps both."""
+    for handler in logging.getLogger().handlers:
+        if type(handler) is logging.StreamHandler:
+            handler.setFormatter(logging.Formatter("%(message)s"))
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     run_dir = HydraConfig.get().runtime.output_dir
+    plain_console()
     if cfg.trainer.resume is None and os.environ.get("SUBMITIT_EXECUTOR"):
         # A submitit job may be requeued (time limit, pre-emption) into this same folder: it must
         # continue from checkpoints/last.pt, not start over. A first run finds none and starts fresh.
@@ -73,12 +111,15 @@ def main(cfg: DictConfig) -> float | None:
         summary = run(cfg, run_dir)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
+        if int(os.environ.get("RANK", "0")) == 0:
+            remove_if_unused(run_dir)
         sys.exit(2)
     if int(os.environ.get("RANK", "0")) == 0:  # one line per run, not one per DDP rank
-        print(f"done: test acc {summary['test_acc_final']:.2f}% (best {summary['test_acc_best']:.2f}%), "
-              f"{summary['img_per_s'] or float('nan'):.0f} train img/s, run folder {run_dir}", flush=True)
+        log.info(f"done: test acc {summary['test_acc_final']:.2f}% (best {summary['test_acc_best']:.2f}%), "
+                 f"{summary['img_per_s'] or float('nan'):.0f} train img/s, run folder {run_dir}")
     return summary["test_acc_best"]  # for Hydra sweepers that optimise a value
 
 
 if __name__ == "__main__":
+    sys.argv[1:] = resume_into_its_folder(sys.argv[1:])
     main()

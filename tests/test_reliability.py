@@ -12,6 +12,7 @@ import io
 import json
 import math
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -32,7 +33,7 @@ TINY = ["dataset=digits", "model=resnet_digits", "dataset.batch_size=32",
         "trainer.precision=fp32", "trainer.progress=false", "trainer.device=cpu",
         "trainer.num_threads=1", "trainer.timing_warmup_steps=1", "logger=none"]
 METHOD = {"sgd": [], "sam": ["optimizer=sam"], "esam": ["optimizer=esam"]}
-TIMING = {"epoch_time_s", "train_img_per_s", "epoch_img_per_s", "step_ms", "timed_seconds"}
+TIMING = {"epoch_time_s", "train_img_per_s", "epoch_img_per_s", "step_ms", "timed_seconds", "wall_time_s"}
 RESULT_FIELDS = ("train_loss", "train_acc", "test_loss", "test_acc", "test_acc5")
 TRACEBACK = "Traceback (most recent call last)"
 
@@ -58,14 +59,21 @@ def overrides(method: str, *extra: str) -> list[str]:
 
 def fit(run_dir: Path, ovr: list[str], hook=None) -> tuple[Trainer, int | dict]:
     """Train in-process; returns (trainer, summary) or (trainer, exit code) if it stopped."""
+    trainer, result, _ = fit_text(run_dir, ovr, hook)
+    return trainer, result
+
+
+def fit_text(run_dir: Path, ovr: list[str], hook=None) -> tuple[Trainer, int | dict, str]:
+    """:func:`fit`, plus what the run printed."""
     trainer = Trainer(compose_cfg(ovr), run_dir)
     if hook is not None:
         hook(trainer)
-    with contextlib.redirect_stdout(io.StringIO()):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
         try:
-            return trainer, trainer.fit()
+            return trainer, trainer.fit(), out.getvalue()
         except SystemExit as e:
-            return trainer, e.code
+            return trainer, e.code, out.getvalue()
 
 
 def signal_after_step(n: int, sig: signal.Signals):
@@ -228,9 +236,65 @@ def test_stopping_twice_still_equals_straight_run(tmp_path, straight):
 
 def test_resume_auto_without_checkpoint_starts_fresh(tmp_path, straight):
     ref = straight("sgd")
-    trainer, summary = fit(tmp_path, overrides("sgd", "trainer.resume=auto"))
+    trainer, summary, text = fit_text(tmp_path, overrides("sgd", "trainer.resume=auto"))
     assert summary["pieces"] == 1
     assert_matches_straight(trainer, tmp_path, ref)
+    # ... and says so, in one line, before the first epoch's.
+    first = text.splitlines()[0]
+    assert first.startswith("trainer.resume=auto: no checkpoint in") and "starts at epoch 1" in first, text
+
+
+@pytest.mark.parametrize("stop_step,words", [
+    (5, "next is epoch 2/4 at step 2/4"),    # stopped after epoch 2's first step
+    (4, "epoch 1/4 has run all its steps; next is its evaluation"),
+])
+def test_resume_line_says_what_happens_next(tmp_path, stop_step, words):
+    fit(tmp_path, overrides("sgd"), hook=signal_after_step(stop_step, signal.SIGTERM))
+    _, summary, text = fit_text(tmp_path, overrides("sgd", "trainer.resume=auto"))
+    lines = text.splitlines()
+    assert lines[0].startswith("resumed from") and lines[0].endswith(words), lines[0]
+    epoch = 1 + stop_step // (STEPS + 1)
+    assert lines[1].startswith(f"epoch {epoch:>3}/{EPOCHS}"), lines[1]  # the epoch it announced
+
+
+def test_the_printed_resume_command_continues_the_run_in_its_folder(tmp_path, straight):
+    """After a stop the run prints a command; pasted as it is, it continues in the same folder
+    (train.log there gets the console lines) and ends where the unstopped run ends."""
+    ref = straight("sgd")
+    ovr = overrides("sgd")
+    (tmp_path / ".hydra").mkdir()  # what `python -m esam.train` leaves in a run folder
+    (tmp_path / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in ovr))
+    _, code, text = fit_text(tmp_path, ovr, hook=signal_after_step(6, signal.SIGTERM))
+    assert code == 128 + signal.SIGTERM
+    line, = [x for x in text.splitlines() if x.startswith("received SIGTERM")]
+    command = shlex.split(line.split("to continue, run: ", 1)[1])
+    assert command[:3] == ["python", "-m", "esam.train"] and command[-1] == f"trainer.resume={tmp_path}"
+
+    done = run_cli(command[3:])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from" in done.stdout and str(tmp_path) in done.stdout
+    assert without_timing(metrics(tmp_path)) == without_timing(ref[1])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["pieces"] == 2 and summary["test_acc_final"] == ref[2]["test_acc_final"]
+    log = (tmp_path / "train.log").read_text()
+    assert "resumed from" in log and f"epoch   {EPOCHS}/{EPOCHS}" in log and "done: test acc" in log
+
+
+def test_resume_mid_budget_equals_straight_run(tmp_path):
+    """ESAM at budget 3 (about 7 steps: epoch 1 and most of epoch 2), stopped mid-epoch 2."""
+    ovr = [*TINY, "optimizer=esam", "trainer.budget=3", f"trainer.epochs={EPOCHS}"]
+    ref, ref_summary = fit(tmp_path / "straight", ovr)
+    _, code = fit(tmp_path / "run", ovr, hook=signal_after_step(5, signal.SIGTERM))
+    assert code == 128 + signal.SIGTERM
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["compute_units"] > 0
+    resumed, summary = fit(tmp_path / "run", [*ovr, "trainer.resume=auto"])
+    rows = metrics(tmp_path / "run")
+    assert without_timing(rows) == without_timing(metrics(tmp_path / "straight"))
+    assert [r["epoch"] for r in rows] == [1, 2] and rows[1]["train_steps"] < STEPS  # a partial last epoch
+    assert summary["compute_used"] == ref_summary["compute_used"] == pytest.approx(3.0, abs=0.25)
+    assert summary["pieces"] == 2 and resumed.global_step == ref.global_step
+    assert_same_tensors(resumed.model.state_dict(), ref.model.state_dict(), "final weights")
+    assert_same_optimizer(resumed.optimizer, ref.optimizer)
 
 
 def test_resume_of_a_finished_run_keeps_its_results(tmp_path, straight):
@@ -295,7 +359,11 @@ def test_signal_to_training_process_saves_and_resumes(tmp_path, sig):
     assert len(metrics(tmp_path)) == ckpt["epoch"]
     assert not (tmp_path / "summary.json").exists() and leftovers(tmp_path) == []
 
-    done = run_cli([*TINY, *LONG, "trainer.resume=auto", f"hydra.run.dir={tmp_path}"])
+    # The command the run printed, pasted as it is, continues in the same folder.
+    line, = [x for x in out.splitlines() if x.startswith(f"received {sig.name}")]
+    command = shlex.split(line.split("to continue, run: ", 1)[1])
+    assert command[:3] == ["python", "-m", "esam.train"] and command[-1] == f"trainer.resume={tmp_path}"
+    done = run_cli(command[3:])
     assert done.returncode == 0, done.stderr
     assert "resumed from" in done.stdout
     assert [r["epoch"] for r in metrics(tmp_path)] == [1, 2, 3]
@@ -423,6 +491,8 @@ def test_bad_input_is_one_clear_sentence(tmp_path, case):
         assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), res.stderr
     assert not (run_dir / "summary.json").exists()
     assert not run_dir.exists() or leftovers(run_dir) == []
+    if ours:  # a run that failed before training leaves no empty run folder behind
+        assert not run_dir.exists(), sorted(p.name for p in run_dir.iterdir())
 
 
 # -- atomic files ---------------------------------------------------------------------------

@@ -119,3 +119,4 @@ def test_missing_dataset_is_one_clear_sentence(tmp_path):
     assert str(tmp_path / "cifar-10-batches-py") in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "run" / "summary.json").exists()
+    assert not (tmp_path / "run").exists()  # no empty run folder left behind
