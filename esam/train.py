@@ -2,6 +2,8 @@
 
     python -m esam.train dataset=cifar10 model=resnet18 optimizer=esam trainer.epochs=2
     python -m esam.train -m optimizer=sgd,sam,esam seed=0,1,2
+    python -m esam.train optimizer=sam trainer.budget=2         # the compute of 2 SGD epochs
+    python -m esam.train <the same overrides> trainer.resume=<run folder>   # continue there
 """
 from __future__ import annotations
 

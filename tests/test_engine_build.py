@@ -25,7 +25,7 @@ def test_build_run_gives_the_parts_and_the_plan(tmp_path):
     run = build_run(compose_cfg([*TINY, "optimizer=esam", "trainer.epochs=3"]), tmp_path)
     assert isinstance(run.optimizer, get_method("esam").cls)  # from the registry
     assert run.optimizer.model is run.ddp_model is run.model  # no DDP in one process
-    assert run.device == torch.device("cpu") and run.precision == "fp32" and run.autocast_dtype is None
+    assert run.device == torch.device("cpu") and run.precision == "fp32"
     assert run.steps_per_epoch == 4 and run.planned_epochs == 3.0 and run.budget is None
     assert run.epoch_units == 3 * 4 * 32  # one SGD epoch of 4 batches of 32
     assert run.step_units == pytest.approx(1 + 1.6 + 1 + 3 * 0.5)  # ESAM(beta=0.6, gamma=0.5)
@@ -59,6 +59,13 @@ def test_the_whole_set_is_the_unit_without_a_batch_limit(tmp_path):
 def test_bad_trainer_values_are_one_sentence(tmp_path, override, words):
     with pytest.raises(UserError, match=words):
         build_run(compose_cfg([*TINY, override]), tmp_path)
+
+
+def test_tf32_on_the_cpu_is_plain_fp32_without_autocast(tmp_path):
+    run = build_run(compose_cfg([*TINY, "trainer.precision=tf32"]), tmp_path)
+    assert run.precision == "fp32"
+    with run.autocast():
+        assert not torch.is_autocast_enabled("cpu")
 
 
 def test_backend_flags_follow_the_precision():

@@ -120,3 +120,32 @@ def test_missing_dataset_is_one_clear_sentence(tmp_path):
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "run" / "summary.json").exists()
     assert not (tmp_path / "run").exists()  # no empty run folder left behind
+
+
+def test_resume_of_a_run_folder_makes_it_the_run_folder(tmp_path):
+    from esam.train import resume_into_its_folder
+
+    run_dir = tmp_path / "old run"
+    run_dir.mkdir()
+    args = ["optimizer=sam", f"trainer.resume={run_dir}"]
+    assert resume_into_its_folder(args) == [*args, f"hydra.run.dir={run_dir}"]
+    for unchanged in (["trainer.resume=auto"], [f"trainer.resume={run_dir}/checkpoints/last.pt"],
+                      [*args, "hydra.run.dir=elsewhere"], ["-m", *args]):
+        assert resume_into_its_folder(unchanged) == unchanged
+
+
+def test_a_failed_run_removes_only_an_unused_folder(tmp_path):
+    from esam.train import remove_if_unused
+
+    unused = tmp_path / "unused"
+    (unused / ".hydra").mkdir(parents=True)
+    (unused / "checkpoints").mkdir()
+    (unused / "train.log").write_text("")
+    remove_if_unused(unused)
+    assert not unused.exists()
+    for name in ("checkpoints/last.pt", "metrics.jsonl", "notes.txt"):
+        used = tmp_path / name.replace("/", "_")
+        (used / "checkpoints").mkdir(parents=True)
+        (used / name).write_text("x")
+        remove_if_unused(used)
+        assert (used / name).is_file()

@@ -23,10 +23,8 @@ from esam.engine.schedule import lr_factor, planned_epochs
 from esam.errors import UserError
 from esam.models import build_model, count_parameters
 from esam.optim.registry import SGD_UNITS, build_from_spec, get_method
-from esam.runtime import DistInfo, init_distributed, resolve_device, resolve_precision, seed_everything
-
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
+from esam.runtime import (DistInfo, autocast_context, init_distributed, resolve_device, resolve_precision,
+                          seed_everything)
 
 def option(value: Any) -> str:
     """The string of a structured-config Enum option (or of a plain string)."""
@@ -56,10 +54,6 @@ class Run:
     budget: float | None                # SGD-epoch equivalents, or None
 
     @property
-    def autocast_dtype(self) -> torch.dtype | None:
-        return AUTOCAST_DTYPES.get(self.precision)
-
-    @property
     def checkpoint_dir(self) -> Path:
         return self.run_dir / "checkpoints"
 
@@ -69,8 +63,8 @@ class Run:
         return math.ceil(self.planned_epochs - 1e-9)
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        dtype = self.autocast_dtype
-        return torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+        """A fresh autocast context for one forward at the run's precision (shared with the bench)."""
+        return autocast_context(self.precision, self.device)
 
 
 def configure_backends(device: torch.device, precision: str) -> None:
