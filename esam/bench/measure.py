@@ -24,6 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from esam.bench.methods import MethodSpec, method_specs
 from esam.data import build_data
+from esam.engine.build import configure_backends
 from esam.errors import UserError
 from esam.models import build_model
 from esam.optim import SharpnessAwareOptimizer, build_from_spec, make_closure
@@ -151,6 +152,7 @@ class Bench:
                             f"and window.epochs={w.epochs} must be >= 1")
         self.device = resolve_device(cfg.device)
         self.precision = resolve_precision(cfg.precision, self.device)
+        configure_backends(self.device, self.precision)  # cuDNN autotuning and TF32 exactly as the trainer sets them
         self.channels_last = bool(cfg.model.channels_last)
         specs = method_specs(cfg)  # a bad method list fails before any data or model is built
 

@@ -53,6 +53,10 @@ def environment(bench: Bench) -> dict[str, Any]:
         "torch": torch.__version__.split("+")[0],
         "torch_full": torch.__version__,
         "cuda": torch.version.cuda,
+        # What configure_backends chose (CUDA): cuDNN autotuning, TF32 in matmuls and convolutions.
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+        "tf32_cudnn": torch.backends.cudnn.allow_tf32,
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
         "git_commit": git_commit(),
