@@ -93,12 +93,32 @@ def remove_if_unused(run_dir: str | Path) -> None:
     shutil.rmtree(run_dir, ignore_errors=True)
 
 
+class PlainForEsam(logging.Formatter):
+    """Our lines bare (the epoch lines are the table a user watches), other loggers' as Hydra formats them."""
+
+    def __init__(self, other: logging.Formatter | None) -> None:
+        super().__init__("%(message)s")
+        self.other = other or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.name == "esam" or record.name.startswith("esam."):
+            return super().format(record)
+        return self.other.format(record)
+
+
 def plain_console() -> None:
-    """Hydra logs to the console and to the run folder's train.log; the console keeps the bare
-    lines (no timestamps: the epoch lines are the table a user watches), train.log keeps both."""
+    """Hydra logs to the console and to the run folder's train.log (with timestamps there)."""
     for handler in logging.getLogger().handlers:
-        if type(handler) is logging.StreamHandler:
-            handler.setFormatter(logging.Formatter("%(message)s"))
+        if type(handler) is logging.StreamHandler and not isinstance(handler.formatter, PlainForEsam):
+            handler.setFormatter(PlainForEsam(handler.formatter))
+
+
+def to_log_files(msg: str) -> None:
+    """Write ``msg`` to the log files only (stderr already has it)."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, msg, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
@@ -113,6 +133,7 @@ def main(cfg: DictConfig) -> float | None:
         summary = run(cfg, run_dir)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
+        to_log_files(f"error: {e}")  # train.log says how the run ended, too
         if int(os.environ.get("RANK", "0")) == 0:
             remove_if_unused(run_dir)
         sys.exit(2)

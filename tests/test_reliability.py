@@ -393,6 +393,7 @@ def test_divergence_via_cli_stops_with_epoch_and_step(tmp_path, precision):
     assert len(lines) == 1 and TRACEBACK not in res.stderr, res.stderr
     assert lines[0].startswith("error: non-finite training loss at epoch 1 step 2"), lines
     assert_diverged_cleanly(tmp_path, epochs_done=0)
+    assert lines[0] in (tmp_path / "train.log").read_text()  # the log file says how the run ended
 
 
 def test_divergence_in_a_later_epoch_keeps_the_previous_epoch(tmp_path):
