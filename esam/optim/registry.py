@@ -59,11 +59,43 @@ def get_method(name: str) -> MethodInfo:
     return METHODS[name]
 
 
+_PLUMBING = {"base_optimizer", "model", "seed"}  # passed by the harness, not chosen in a config
+
+
+def _allowed_keys(info: MethodInfo, base: Any) -> set[str] | None:
+    """The method's own keywords plus its base optimizer's (a misspelt key fails naming them);
+    None when the base is unknown (the class then says so)."""
+    import inspect
+
+    from esam.optim.base import resolve_base_optimizer
+
+    own: set[str] = set()
+    for cls in info.cls.__mro__:  # a subclass passes **kwargs up: every level's keywords count
+        if cls is torch.optim.Optimizer or "__init__" not in vars(cls):
+            continue
+        own |= {k for k, p in inspect.signature(cls.__init__).parameters.items()
+                if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and k not in ("self", "params")}
+        if cls.__name__ == "SharpnessAwareOptimizer":
+            break
+    try:
+        base_cls, _ = resolve_base_optimizer(base)
+    except ValueError:
+        return None
+    base_keys = set(inspect.signature(base_cls.__init__).parameters) - {"self", "params"}
+    return own | base_keys | set(info.hparams) | _PLUMBING
+
+
+
 def build_optimizer(name: str, params: Iterable[torch.Tensor], **kwargs: Any):
     """``build_optimizer('esam', model.parameters(), base_optimizer='sgd', lr=0.05, rho=0.05, ...)``.
 
     A bad keyword or value is a :class:`UserError` naming the method."""
     info = get_method(name)
+    allowed = _allowed_keys(info, kwargs.get("base_optimizer", "sgd"))
+    unknown = sorted(set(kwargs) - allowed) if allowed is not None else []
+    if unknown:
+        raise UserError(f"optimizer {name}: unknown key {', '.join(unknown)} (optimizer.{unknown[0]}); "
+                        f"allowed: {', '.join(sorted(allowed - _PLUMBING))}")
     try:
         return info.cls(params, **kwargs)
     except (TypeError, ValueError) as e:

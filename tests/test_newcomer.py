@@ -1,0 +1,14 @@
+"""What a new user trips over (issue 15, item 7 and friends): each check would have failed before."""
+from __future__ import annotations
+
+from conftest import run_cli
+
+
+def test_a_misspelt_optimizer_key_added_with_plus_is_one_sentence_naming_it(tmp_path):
+    # Hydra's own hint for an unknown key is `+key=value`; that must not end in a TypeError traceback.
+    res = run_cli(["optimizer=sam", "+optimizer.rhoo=0.1", "trainer.epochs=1", f"hydra.run.dir={tmp_path / 'run'}"])
+    assert res.returncode == 2
+    err = res.stderr.strip().splitlines()
+    assert err[-1].startswith("error: optimizer sam: unknown key rhoo (optimizer.rhoo); allowed: adaptive,")
+    assert "Traceback" not in res.stderr and "rho," in err[-1]
+    assert not (tmp_path / "run").exists()  # a failed run leaves no empty run folder
