@@ -21,7 +21,7 @@ from conftest import REPO, compose_cfg
 
 import _ddp_entry
 
-pytestmark = pytest.mark.slow  # ten short trainings, four under torchrun: ~1 min on 2 cores
+pytestmark = pytest.mark.slow  # twelve short trainings, six under torchrun: ~1.5 min on 2 cores
 
 ENTRY = Path(_ddp_entry.__file__)
 EPOCHS = 3
@@ -43,12 +43,17 @@ def one_process(tmp_path: Path, *overrides: str) -> list[dict]:
     return metrics(tmp_path / "single")
 
 
-def two_processes(tmp_path: Path, *overrides: str) -> list[dict]:
-    """torchrun with a run folder per rank as Hydra composes it; the trainer must use rank 0's."""
+def torchrun(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """torchrun with a run folder per rank as Hydra composes it (the trainer must use rank 0's)."""
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ENTRY),
            *COMMON, *overrides, f"hydra.run.dir={tmp_path}/rank${{oc.env:RANK}}"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def two_processes(tmp_path: Path, *overrides: str) -> list[dict]:
+    """torchrun with a run folder per rank as Hydra composes it; the trainer must use rank 0's."""
+    proc = torchrun(tmp_path, *overrides)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     # One "done" line: the entry point prints for rank 0 only.
     assert proc.stdout.count("done: test acc") == 1, proc.stdout
@@ -106,3 +111,21 @@ def test_esam_repeats_across_processes(tmp_path):
         runs.append(metrics(tmp_path / f"salt{salt}"))
     assert runs[0][-1]["train_loss"] == runs[1][-1]["train_loss"]
     assert runs[0][-1]["sam_sharpness"] == runs[1][-1]["sam_sharpness"]
+
+
+def test_esam_budget_ends_on_the_same_step_on_every_rank(tmp_path):
+    """ESAM's measured cost differs per rank (its own random draws); the ranks agree on it at
+    each check, so both stop at the same step (a disagreement would hang the all-reduce)."""
+    proc = torchrun(tmp_path, "optimizer=esam", "trainer.budget=1", "trainer.check_every=2")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "rank0" / "summary.json").read_text())
+    # ESAM(0.6, 0.5) costs 1.7 SGD steps: about 22 / 1.7 = 13 steps; checked every 2 steps.
+    assert summary["compute_used"] == pytest.approx(1.0, abs=0.15)
+    assert 11 <= summary["train_steps"] <= 15
+
+
+def test_a_non_finite_loss_stops_every_rank(tmp_path):
+    proc = torchrun(tmp_path, "optimizer.lr=1e20", "trainer.check_every=3")
+    assert proc.returncode != 0
+    assert proc.stderr.count("error: non-finite training loss at epoch 1 step 2") == 2, proc.stderr[-3000:]
+    assert not (tmp_path / "rank0" / "summary.json").exists()
