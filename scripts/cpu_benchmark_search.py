@@ -34,7 +34,8 @@ def load(paths: list[str]) -> pd.DataFrame:
         s = json.loads(path.read_text())
         rows.append({**{col: dig(s["config"], key) for col, key in SETTING}, "seed": s["seed"],
                      "final": s["test_acc_final"], "best": s["test_acc_best"], "run_dir": str(path.parent)})
-    return pd.DataFrame(rows)
+    # A setting and seed run twice (e.g. to check that two trainer versions agree) counts once.
+    return pd.DataFrame(rows).drop_duplicates([c for c, _ in SETTING] + ["seed"], keep="last")
 
 
 def settings_table(runs: pd.DataFrame) -> pd.DataFrame:
@@ -59,6 +60,22 @@ def settings_table(runs: pd.DataFrame) -> pd.DataFrame:
     return t.replace({-1: None})
 
 
+def best_vs_best(t: pd.DataFrame) -> str:
+    """Per noise rate and epochs: each method's best setting (final accuracy), and SAM's best against
+    SGD's best, whatever their lr: the comparison that does not favour a method by its tuning."""
+    lines = []
+    for (noise, epochs), part in t.groupby(["noise", "epochs"]):
+        best = part.loc[part.groupby("method").final.idxmax()].set_index("method")
+        if not {"sgd", "sam"} <= set(best.index):
+            continue
+        a, b = best.loc["sam"], best.loc["sgd"]
+        gap, bar = a.final - b.final, 2 * max(a.final_std, b.final_std)
+        lines.append(f"- noise {noise:g}, {epochs} epochs: best SAM (lr {a.lr:g}, rho {a.rho:g}, n={a.n}) {a.final:.2f} ± {a.final_std:.2f}"
+                     f" vs best SGD (lr {b.lr:g}, n={b.n}) {b.final:.2f} ± {b.final_std:.2f}: gap {gap:+.2f},"
+                     f" twice the larger std {bar:.2f} -> {'clears' if gap > bar else 'does not clear'} it")
+    return "\n".join(lines)
+
+
 def markdown(t: pd.DataFrame) -> str:
     head = ["noise", "model", "epochs", "lr", "wd", "method", "ρ", "n", "final acc %", "best acc %",
             "final gap vs SGD", "> 2 std"]
@@ -79,7 +96,10 @@ def main() -> None:
     runs = load(args.paths)
     if args.csv:
         runs.drop(columns="run_dir").sort_values([c for c, _ in SETTING] + ["seed"]).to_csv(args.csv, index=False)
-    print(markdown(settings_table(runs)))
+    table = settings_table(runs)
+    print(markdown(table))
+    print()
+    print(best_vs_best(table))
 
 
 if __name__ == "__main__":
