@@ -36,3 +36,24 @@ def run_cli(args: list[str], cwd: Path | None = None, timeout: float = 600, modu
 @pytest.fixture
 def compose_train():
     return compose_cfg
+
+
+def free_port() -> int:
+    """A free localhost port for a gloo rendezvous (each spawned DDP test needs its own)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny float64 tensors: extra intra-op threads only fight over a busy CPU. Modules opt in
+    with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

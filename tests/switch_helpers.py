@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from conftest import FAST, run_cli
+from conftest import FAST, free_port, run_cli
 
 
 class CountingClosure:
@@ -65,12 +65,6 @@ def train_digits(name: str, out: Path, *overrides: str) -> list[dict]:
 
 
 # -- two gloo DDP ranks: do they take the same kind of step? --------------------------------------
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ddp_rank_decisions(rank: int, world: int, port: int, name: str, kwargs: dict, out: str) -> None:

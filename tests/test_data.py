@@ -196,3 +196,23 @@ def test_digits_label_noise_is_one_set_for_every_run_seed():
 def test_digits_label_noise_outside_0_1_is_a_user_error(rate):
     with pytest.raises(UserError, match=r"dataset.label_noise=.* must be a fraction in \[0, 1\)"):
         build_data("digits", batch_size=32, test_batch_size=100, label_noise=rate)
+
+
+@pytest.mark.parametrize("sweep", ["cpu_benchmark", "cpu_benchmark_base", "cpu_benchmark_sgd_tuned",
+                                   "cpu_benchmark_budget", "cpu_benchmark_budget_base"])
+def test_cpu_benchmark_sweeps_compose_for_every_method_they_list(sweep):
+    """Each job of `make reproduce-cpu` composes: the noisy task, and the searched rho / SGD lr."""
+    from hydra import compose, initialize_config_dir
+
+    from esam.train import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        params = compose("train", overrides=[f"+sweep={sweep}"], return_hydra_config=True).hydra.sweeper.params
+        assert params.seed == "0,1,2,3,4"
+        for method in params.optimizer.split(","):
+            cfg = compose("train", overrides=[f"+sweep={sweep}", f"optimizer={method}"])
+            assert (cfg.dataset.label_noise, cfg.trainer.epochs, cfg.experiment_name) == (0.4, 30, "cpu_benchmark")
+            if sweep in ("cpu_benchmark", "cpu_benchmark_budget"):
+                assert cfg.optimizer.rho == 0.5 and cfg.optimizer.lr == 0.05
+            if sweep == "cpu_benchmark_sgd_tuned":
+                assert (cfg.optimizer.lr, cfg.optimizer.label) == (0.005, "sgd_lr0.005")

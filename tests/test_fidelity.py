@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 
 import pytest
 import torch
@@ -19,16 +18,12 @@ from torch import nn
 from esam.optim import ESAM, SAM, SGD, make_closure
 from test_optim import (LR, MOMENTUM, RHO, TIGHT, WD, Reference, assert_all_close, assert_all_equal,
                         batches, convnet, loss_and_grad, mlp, sam_perturbation, weights)
+from conftest import free_port
 
 KW = dict(lr=LR, momentum=MOMENTUM, weight_decay=WD)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(opt_factory, model, data) -> list[torch.Tensor]:
@@ -155,10 +150,6 @@ def test_bn_running_stats_are_updated_by_the_passes_the_switch_names(bn_stats, m
 
 
 # -- m-sharpness on one process = one chunk per DDP rank ----------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ddp_rank(rank: int, world: int, port: int, cls_name: str, out: str) -> None:
@@ -180,7 +171,7 @@ def _ddp_rank(rank: int, world: int, port: int, cls_name: str, out: str) -> None
 @pytest.mark.parametrize("cls_name", ["SAM", "ESAM"])
 def test_m_half_batch_equals_two_ddp_ranks_with_one_chunk_each(tmp_path, cls_name):
     out = str(tmp_path / "ddp.pt")
-    mp.spawn(_ddp_rank, args=(2, _free_port(), cls_name, out), nprocs=2, join=True)
+    mp.spawn(_ddp_rank, args=(2, free_port(), cls_name, out), nprocs=2, join=True)
     cls, extra = {"SAM": (SAM, {}), "ESAM": (ESAM, {"beta": 1.0, "gamma": 0.5})}[cls_name]
     one = run(lambda mod: cls(mod.parameters(), rho=RHO, m=6, model=mod, **extra, **KW), convnet(),
               batches("convnet", 3, n=12))

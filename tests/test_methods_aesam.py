@@ -15,12 +15,7 @@ from test_optim import (LR, MOMENTUM, RHO, WD, Reference, assert_all_close, asse
 KW = dict(lr=LR, momentum=MOMENTUM, weight_decay=WD)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # mu and sigma start at 0, so the first ~1/(1 - delta) steps are sharpness-aware: 40 steps at delta 0.9.

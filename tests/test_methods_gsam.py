@@ -9,14 +9,13 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from conftest import FAST, run_cli
+from conftest import FAST, run_cli, free_port
 from esam.optim import SAM
 from esam.optim.gsam import GSAM
 from test_optim import (LR, MOMENTUM, TIGHT, WD, Reference, assert_all_close, assert_all_equal, batch,
@@ -28,12 +27,7 @@ RHO_MAX, RHO_MIN, ALPHA = 0.2, 0.05, 0.3  # large, so a wrong schedule or sign s
 LR_FACTORS = [1.0, 0.5, 0.25, 0.0]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def dot(a, b) -> torch.Tensor:
@@ -193,10 +187,6 @@ def test_trains_through_the_shared_trainer(tmp_path):
 
 
 # -- DDP: each rank decomposes its own gradients, then the directions are averaged ----------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ddp_rank(rank: int, world: int, port: int, out: str) -> None:
@@ -215,7 +205,7 @@ def _ddp_rank(rank: int, world: int, port: int, out: str) -> None:
 
 def test_ddp_ranks_decompose_locally_and_average(tmp_path):
     out = str(tmp_path / "ddp.pt")
-    mp.spawn(_ddp_rank, args=(2, _free_port(), out), nprocs=2, join=True)
+    mp.spawn(_ddp_rank, args=(2, free_port(), out), nprocs=2, join=True)
     rank0, rank1 = torch.load(f"{out}.0"), torch.load(f"{out}.1")
     assert_all_equal(rank0, rank1)  # the ranks stay in step
 

@@ -11,7 +11,6 @@ import copy
 import io
 import json
 import os
-import socket
 
 import pytest
 import torch
@@ -19,7 +18,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import FAST, run_cli
+from conftest import FAST, run_cli, free_port
 from esam.optim import METHODS, SAM, SGD
 from esam.optim.ksam import KSAM
 from test_optim import (LR, MOMENTUM, RHO, TIGHT, WD, Reference, assert_all_close, assert_all_equal,
@@ -29,12 +28,7 @@ from test_optim import (LR, MOMENTUM, RHO, TIGHT, WD, Reference, assert_all_clos
 KW = dict(lr=LR, momentum=MOMENTUM, weight_decay=WD)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("kind", ["mlp", "convnet"])
@@ -189,10 +183,6 @@ def test_trains_through_the_shared_trainer(tmp_path):
 
 
 # -- DDP: each rank ranks and perturbs on its own shard; the second backward all-reduces ------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ddp_rank(rank: int, world: int, port: int, out: str) -> None:
@@ -211,7 +201,7 @@ def _ddp_rank(rank: int, world: int, port: int, out: str) -> None:
 
 def test_ddp_ranks_select_and_perturb_locally(tmp_path):
     out = str(tmp_path / "ddp.pt")
-    mp.spawn(_ddp_rank, args=(2, _free_port(), out), nprocs=2, join=True)
+    mp.spawn(_ddp_rank, args=(2, free_port(), out), nprocs=2, join=True)
     rank0, rank1 = torch.load(f"{out}.0"), torch.load(f"{out}.1")
     assert_all_equal(rank0, rank1)
 

@@ -9,7 +9,6 @@ import copy
 import io
 import json
 import os
-import socket
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import FAST, run_cli
+from conftest import FAST, run_cli, free_port
 from esam.optim import METHODS, SAM, SGD
 from esam.optim.looksam import LookSAM
 from test_optim import (LR, MOMENTUM, RHO, TIGHT, WD, Reference, assert_all_close, assert_all_equal,
@@ -28,12 +27,7 @@ KW = dict(lr=LR, momentum=MOMENTUM, weight_decay=WD)
 EPS = 1e-12  # the optimizer's guard against 0/0, written into the reference too
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def dot(a, b) -> torch.Tensor:
@@ -241,10 +235,6 @@ def test_trains_through_the_shared_trainer(tmp_path):
 
 
 # -- DDP: every pass all-reduced, so g_v is the same on every rank ----------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ddp_rank(rank: int, world: int, port: int, out: str) -> None:
@@ -263,7 +253,7 @@ def _ddp_rank(rank: int, world: int, port: int, out: str) -> None:
 
 def test_ddp_ranks_share_g_v_and_equal_one_process_on_the_whole_batch(tmp_path):
     out = str(tmp_path / "ddp.pt")
-    mp.spawn(_ddp_rank, args=(2, _free_port(), out), nprocs=2, join=True)
+    mp.spawn(_ddp_rank, args=(2, free_port(), out), nprocs=2, join=True)
     rank0, rank1 = torch.load(f"{out}.0"), torch.load(f"{out}.1")
     assert_all_equal(rank0, rank1)  # reuse steps use the same g_v everywhere: the ranks stay in step
     model = mlp()

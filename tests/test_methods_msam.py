@@ -18,12 +18,7 @@ RHO_M = 0.3  # large enough that the perturbation shows, small enough for a tiny
 KW = dict(lr=LR, momentum=MOMENTUM, weight_decay=WD)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class MomentumReference:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import io
 import os
-import socket
 
 import pytest
 import torch
@@ -21,16 +20,12 @@ from esam.errors import UserError
 from esam.optim import METHODS, build_optimizer, make_closure
 from esam.optim.saf import MESA, SAF
 from test_optim import LR, MOMENTUM, TIGHT, WD, Reference, assert_all_close, convnet, mlp, weights
+from conftest import free_port
 
 N, B = 8, 4  # 8 samples, two batches of 4 per epoch
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def dataset(kind: str = "mlp"):
@@ -271,10 +266,6 @@ def test_registry_entries_carry_the_papers_defaults():
 
 
 # -- DDP: SAF's memory gathers every rank's outputs; MESA's EMA pass runs through the DDP model --
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 DDP_KW = {"saf": dict(start=1, lookback=2), "mesa": dict(start=0, decay=0.9)}
@@ -302,7 +293,7 @@ def _ddp_rank(rank: int, world: int, port: int, name: str, out: str) -> None:
 @pytest.mark.parametrize("name", ["saf", "mesa"])
 def test_ddp_ranks_equal_one_process_on_the_whole_batch(tmp_path, name):
     out = str(tmp_path / "ddp.pt")
-    mp.spawn(_ddp_rank, args=(2, _free_port(), name, out), nprocs=2, join=True)
+    mp.spawn(_ddp_rank, args=(2, free_port(), name, out), nprocs=2, join=True)
     rank0, rank1 = torch.load(f"{out}.0"), torch.load(f"{out}.1")
     for a, b in zip(rank0["weights"], rank1["weights"]):
         assert torch.equal(a, b)

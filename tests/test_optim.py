@@ -22,13 +22,7 @@ LR, MOMENTUM, WD, RHO = 0.1, 0.9, 5e-4, 0.05
 TIGHT = dict(rtol=1e-10, atol=1e-12)  # float64: only the eps in rho / (||g|| + eps) differs
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: extra intra-op threads only fight over a busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- models, data, closures ------------------------------------------------------

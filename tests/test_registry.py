@@ -19,12 +19,7 @@ NAMES = sorted(METHODS)
 KW = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(name: str, model: torch.nn.Module, seed: int = 0):

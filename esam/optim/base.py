@@ -152,6 +152,17 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         else:
             self.base_optimizer.step()
 
+    def _plain_step(self, closure: Closure, grad_scaler) -> torch.Tensor:
+        """The base optimizer's step on one forward and one backward of the whole batch: SGD's
+        step, and the cheap step of methods that take a sharpness-aware step only sometimes."""
+        self.zero_grad()
+        self._phase("first_pass")
+        losses = closure()
+        self._backward(losses.mean(), grad_scaler)
+        self._base_step(grad_scaler)
+        self._phase("end")
+        return losses.detach()
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
 
@@ -190,15 +201,10 @@ class BaseOnly(SharpnessAwareOptimizer):
     paper's SGD baseline; ``BaseOnly(params, 'adamw')`` is plain AdamW."""
 
     def step(self, closure: Closure, *, grad_scaler=None) -> torch.Tensor:
-        self.zero_grad()
-        self._phase("first_pass")
-        losses = closure()
-        self._backward(losses.mean(), grad_scaler)
-        self._base_step(grad_scaler)
-        self._phase("end")
+        losses = self._plain_step(closure, grad_scaler)
         self.last_stats = {}
         self.last_cost = 3.0
-        return losses.detach()
+        return losses
 
 
 SGD = BaseOnly  # the name the paper's tables use for the baseline (registry key "sgd")

@@ -88,14 +88,9 @@ class SwitchingSAM(ESAM):
 
     def _plain_step(self, closure: Closure, grad_scaler) -> torch.Tensor:
         """The base optimizer's step on one forward and one backward (synced under DDP)."""
-        self.zero_grad()
-        self._phase("first_pass")
-        losses = closure()
-        self._backward(losses.mean(), grad_scaler)
-        self._base_step(grad_scaler)
-        self._phase("end")
+        losses = super()._plain_step(closure, grad_scaler)
         self._record(sam=False, sharpness=0.0, cost=3.0)
-        return losses.detach()
+        return losses
 
     def _record(self, *, sam: bool, sharpness, cost: float) -> None:
         self.last_stats = {"sam_step": 1.0 if sam else 0.0, "sharpness": sharpness}
