@@ -7,18 +7,14 @@ rank holds one chunk, as in the authors' code.
 """
 from __future__ import annotations
 
-import copy
-import os
-
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 
 from esam.optim import ESAM, SAM, SGD, make_closure
 from test_optim import (LR, MOMENTUM, RHO, TIGHT, WD, Reference, assert_all_close, assert_all_equal,
                         batches, convnet, loss_and_grad, mlp, sam_perturbation, weights)
-from conftest import free_port
+from ddp_helpers import ddp_weights
 
 KW = dict(lr=LR, momentum=MOMENTUM, weight_decay=WD)
 
@@ -150,32 +146,13 @@ def test_bn_running_stats_are_updated_by_the_passes_the_switch_names(bn_stats, m
 
 
 # -- m-sharpness on one process = one chunk per DDP rank ----------------------------------
-
-
-def _ddp_rank(rank: int, world: int, port: int, cls_name: str, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    model = convnet()
-    ddp = nn.parallel.DistributedDataParallel(model)
-    cls, extra = {"SAM": (SAM, {}), "ESAM": (ESAM, {"beta": 1.0, "gamma": 0.5})}[cls_name]
-    opt = cls(model.parameters(), rho=RHO, model=ddp, **extra, **KW)
-    for x, y in batches("convnet", 3, n=12):
-        per = x.shape[0] // world
-        opt.step(make_closure(ddp, x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]))
-    if rank == 0:
-        torch.save(weights(model), out)
-    torch.distributed.destroy_process_group()
-
-
-@pytest.mark.parametrize("cls_name", ["SAM", "ESAM"])
-def test_m_half_batch_equals_two_ddp_ranks_with_one_chunk_each(tmp_path, cls_name):
-    out = str(tmp_path / "ddp.pt")
-    mp.spawn(_ddp_rank, args=(2, free_port(), cls_name, out), nprocs=2, join=True)
-    cls, extra = {"SAM": (SAM, {}), "ESAM": (ESAM, {"beta": 1.0, "gamma": 0.5})}[cls_name]
+@pytest.mark.parametrize("method,extra", [("sam", {}), ("esam", {"beta": 1.0, "gamma": 0.5})])
+def test_m_half_batch_equals_two_ddp_ranks_with_one_chunk_each(tmp_path, method, extra):
+    rank0, _ = ddp_weights(tmp_path, method, dict(rho=RHO, **extra, **KW), model="convnet")
+    cls = {"sam": SAM, "esam": ESAM}[method]
     one = run(lambda mod: cls(mod.parameters(), rho=RHO, m=6, model=mod, **extra, **KW), convnet(),
               batches("convnet", 3, n=12))
-    assert_all_close(one, torch.load(out), rtol=1e-9, atol=1e-11)
+    assert_all_close(one, rank0, rtol=1e-9, atol=1e-11)
 
 
 MODELS = {"mlp": mlp, "convnet": convnet}

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import io
 import json
-import os
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from torch import nn
 
-from conftest import FAST, run_cli, free_port
+from conftest import FAST, run_cli
+from ddp_helpers import ddp_weights
 from esam.optim import SAM
 from esam.optim.gsam import GSAM
 from test_optim import (LR, MOMENTUM, TIGHT, WD, Reference, assert_all_close, assert_all_equal, batch,
@@ -189,24 +188,11 @@ def test_trains_through_the_shared_trainer(tmp_path):
 # -- DDP: each rank decomposes its own gradients, then the directions are averaged ----------
 
 
-def _ddp_rank(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    model = mlp()
-    ddp = nn.parallel.DistributedDataParallel(model)
-    opt = GSAM(model.parameters(), "sgd", rho=RHO_MAX, rho_min=RHO_MIN, alpha=ALPHA, model=ddp, **KW)
-    for x, y in batches("mlp", 3, n=12):
-        per = x.shape[0] // world
-        opt.step(make_closure(ddp, x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]))
-    torch.save(weights(model), f"{out}.{rank}")
-    torch.distributed.destroy_process_group()
 
 
 def test_ddp_ranks_decompose_locally_and_average(tmp_path):
-    out = str(tmp_path / "ddp.pt")
-    mp.spawn(_ddp_rank, args=(2, free_port(), out), nprocs=2, join=True)
-    rank0, rank1 = torch.load(f"{out}.0"), torch.load(f"{out}.1")
+    rank0, rank1 = ddp_weights(
+        tmp_path, "gsam", dict(base_optimizer="sgd", rho=RHO_MAX, rho_min=RHO_MIN, alpha=ALPHA, **KW), steps=3)
     assert_all_equal(rank0, rank1)  # the ranks stay in step
 
     model = mlp()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import io
 import json
-import os
 
 import pytest
 import torch
@@ -18,7 +17,8 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import FAST, run_cli, free_port
+from conftest import FAST, run_cli
+from ddp_helpers import ddp_weights
 from esam.optim import METHODS, SAM, SGD
 from esam.optim.ksam import KSAM
 from test_optim import (LR, MOMENTUM, RHO, TIGHT, WD, Reference, assert_all_close, assert_all_equal,
@@ -185,24 +185,11 @@ def test_trains_through_the_shared_trainer(tmp_path):
 # -- DDP: each rank ranks and perturbs on its own shard; the second backward all-reduces ------
 
 
-def _ddp_rank(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    model = mlp()
-    ddp = nn.parallel.DistributedDataParallel(model)
-    opt = KSAM(model.parameters(), "sgd", rho=0.5, k_frac=0.5, model=ddp, **KW)
-    for x, y in batches("mlp", 3, n=12):
-        per = x.shape[0] // world
-        opt.step(make_closure(ddp, x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]))
-    torch.save(weights(model), f"{out}.{rank}")
-    torch.distributed.destroy_process_group()
 
 
 def test_ddp_ranks_select_and_perturb_locally(tmp_path):
-    out = str(tmp_path / "ddp.pt")
-    mp.spawn(_ddp_rank, args=(2, free_port(), out), nprocs=2, join=True)
-    rank0, rank1 = torch.load(f"{out}.0"), torch.load(f"{out}.1")
+    rank0, rank1 = ddp_weights(
+        tmp_path, "ksam", dict(base_optimizer="sgd", rho=0.5, k_frac=0.5, **KW), steps=3)
     assert_all_equal(rank0, rank1)
 
     model = mlp()

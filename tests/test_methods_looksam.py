@@ -8,15 +8,14 @@ from __future__ import annotations
 import copy
 import io
 import json
-import os
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import FAST, run_cli, free_port
+from conftest import FAST, run_cli
+from ddp_helpers import ddp_weights
 from esam.optim import METHODS, SAM, SGD
 from esam.optim.looksam import LookSAM
 from test_optim import (LR, MOMENTUM, RHO, TIGHT, WD, Reference, assert_all_close, assert_all_equal,
@@ -237,24 +236,11 @@ def test_trains_through_the_shared_trainer(tmp_path):
 # -- DDP: every pass all-reduced, so g_v is the same on every rank ----------------------------
 
 
-def _ddp_rank(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    model = mlp()
-    ddp = nn.parallel.DistributedDataParallel(model)
-    opt = LookSAM(model.parameters(), "sgd", rho=RHO, k=2, alpha=0.7, model=ddp, **KW)
-    for x, y in batches("mlp", 4, n=12):
-        per = x.shape[0] // world
-        opt.step(make_closure(ddp, x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]))
-    torch.save(weights(model), f"{out}.{rank}")
-    torch.distributed.destroy_process_group()
 
 
 def test_ddp_ranks_share_g_v_and_equal_one_process_on_the_whole_batch(tmp_path):
-    out = str(tmp_path / "ddp.pt")
-    mp.spawn(_ddp_rank, args=(2, free_port(), out), nprocs=2, join=True)
-    rank0, rank1 = torch.load(f"{out}.0"), torch.load(f"{out}.1")
+    rank0, rank1 = ddp_weights(
+        tmp_path, "looksam", dict(base_optimizer="sgd", rho=RHO, k=2, alpha=0.7, **KW), steps=4)
     assert_all_equal(rank0, rank1)  # reuse steps use the same g_v everywhere: the ranks stay in step
     model = mlp()
     opt = LookSAM(model.parameters(), "sgd", rho=RHO, k=2, alpha=0.7, **KW)
