@@ -7,13 +7,12 @@ on a functional copy of the model and a plain torch.optim.SGD (helpers from test
 from __future__ import annotations
 
 import io
-import json
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-from conftest import FAST, run_cli
+from switch_helpers import train_digits
 from ddp_helpers import ddp_weights
 from esam.optim import SAM
 from esam.optim.gsam import GSAM
@@ -176,11 +175,7 @@ def test_invalid_arguments_raise_value_error_naming_them(kwargs, name):
 
 
 def test_trains_through_the_shared_trainer(tmp_path):
-    run = tmp_path / "run"
-    proc = run_cli(["dataset=digits", "optimizer=gsam", "trainer.epochs=1", "trainer.limit_train_batches=5",
-                    *FAST, f"hydra.run.dir={run}"])
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    record = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    record = train_digits("gsam", tmp_path / "run")[0]
     assert record["sam_rho"] == pytest.approx(0.04)  # epoch 1 of a per-epoch cosine: lr = lr_max
     assert record["train_steps"] == 5
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import io
-import json
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import FAST, run_cli
+from switch_helpers import train_digits
 from ddp_helpers import ddp_weights
 from esam.optim import METHODS, SAM, SGD
 from esam.optim.ksam import KSAM
@@ -173,11 +172,7 @@ def test_invalid_arguments_raise_value_error_naming_them(kwargs, name):
 
 
 def test_trains_through_the_shared_trainer(tmp_path):
-    run = tmp_path / "run"
-    proc = run_cli(["dataset=digits", "optimizer=ksam", "trainer.epochs=1", "trainer.limit_train_batches=5",
-                    *FAST, f"hydra.run.dir={run}"])
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    record = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    record = train_digits("ksam", tmp_path / "run")[0]
     assert record["sam_sample_frac"] == pytest.approx(0.1, abs=0.01)  # int(0.1 * B) of each batch
     assert record["train_steps"] == 5
 

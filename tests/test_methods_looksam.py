@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import copy
 import io
-import json
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import FAST, run_cli
+from switch_helpers import train_digits
 from ddp_helpers import ddp_weights
 from esam.optim import METHODS, SAM, SGD
 from esam.optim.looksam import LookSAM
@@ -224,11 +223,7 @@ def test_invalid_arguments_raise_value_error_naming_them(kwargs, name):
 
 
 def test_trains_through_the_shared_trainer(tmp_path):
-    run = tmp_path / "run"
-    proc = run_cli(["dataset=digits", "optimizer=looksam", "trainer.epochs=1", "trainer.limit_train_batches=5",
-                    *FAST, f"hydra.run.dir={run}"])
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    record = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    record = train_digits("looksam", tmp_path / "run")[0]
     assert record["sam_sam_step"] == pytest.approx(1 / 5)  # one SAM step in five (k = 5)
     assert record["train_steps"] == 5
 
