@@ -20,8 +20,8 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-demo: install ## SGD vs SAM vs ESAM on the embedded digits set (CPU, a few minutes), side-by-side table
-	$(PYTHON) -m esam.demo $(ARGS)
+demo: install ## SGD vs SAM vs ESAM on the embedded digits set (CPU, minutes), side-by-side table; METHODS=sgd,sam,looksam,...
+	$(PYTHON) -m esam.demo $(if $(METHODS),--methods=$(METHODS),) $(ARGS)
 
 test: install ## The whole test suite, slow tests included (what CI runs)
 	$(PYTHON) -m pytest -q $(ARGS)

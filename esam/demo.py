@@ -1,6 +1,8 @@
-"""`make demo`: SGD, SAM and ESAM on the embedded digits set, then a side-by-side table.
+"""`make demo`: SGD, SAM and ESAM (or any registered methods) on the embedded digits set,
+then a side-by-side table.
 
-    python -m esam.demo [hydra overrides applied to all three runs, e.g. trainer.epochs=5]
+    python -m esam.demo [--methods sgd,sam,looksam,msam] [hydra overrides for every run, e.g. trainer.epochs=5]
+    make demo METHODS=sgd,sam,esam,looksam
 """
 from __future__ import annotations
 
@@ -14,13 +16,17 @@ from esam.errors import UserError
 from esam.report import cell_table, cells_markdown, runs_frame
 from esam.train import CONFIG_DIR, run
 
-METHODS = ("sgd", "sam", "esam")
+DEFAULT_METHODS = ("sgd", "sam", "esam")
 
 
-def demo(overrides: list[str], out_root: Path) -> list[dict]:
+def demo(overrides: list[str], out_root: Path, methods: tuple[str, ...] = DEFAULT_METHODS) -> list[dict]:
+    from esam.optim import get_method
+
+    for method in methods:
+        get_method(method)  # an unknown name fails before any training, naming the allowed ones
     summaries = []
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        for method in METHODS:
+        for method in methods:
             cfg = compose("train", overrides=["experiment_name=demo", "trainer.epochs=10", "trainer.progress=false",
                                               f"optimizer={method}", *overrides])
             print(f"--- {method}: {cfg.dataset.name} / {cfg.model.label}, {cfg.trainer.epochs} epochs", flush=True)
@@ -35,9 +41,14 @@ def format_table(summaries: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     overrides = list(sys.argv[1:] if argv is None else argv)
+    methods = DEFAULT_METHODS
+    for arg in list(overrides):
+        if arg.startswith("--methods="):
+            methods = tuple(m for m in arg.split("=", 1)[1].split(",") if m)
+            overrides.remove(arg)
     out_root = Path("outputs") / "demo" / time.strftime("%Y-%m-%d_%H-%M-%S")
     try:
-        summaries = demo(overrides, out_root)
+        summaries = demo(overrides, out_root, methods)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -12,3 +12,18 @@ def test_a_misspelt_optimizer_key_added_with_plus_is_one_sentence_naming_it(tmp_
     assert err[-1].startswith("error: optimizer sam: unknown key rhoo (optimizer.rhoo); allowed: adaptive,")
     assert "Traceback" not in res.stderr and "rho," in err[-1]
     assert not (tmp_path / "run").exists()  # a failed run leaves no empty run folder
+
+
+def test_demo_table_can_hold_any_registered_methods(tmp_path, capsys):
+    import pytest
+
+    from esam.demo import demo, format_table
+    from esam.errors import UserError
+
+    summaries = demo(["trainer.epochs=1", "trainer.limit_train_batches=2", "trainer.precision=fp32",
+                      "trainer.num_threads=1"], tmp_path, methods=("sgd", "looksam"))
+    table = format_table(summaries)
+    assert [s["optimizer"] for s in summaries] == ["sgd", "looksam"]
+    assert "| SGD |" in table and "| LOOKSAM |" in table
+    with pytest.raises(UserError, match="unknown method 'lookasm'"):
+        demo([], tmp_path, methods=("lookasm",))
