@@ -17,9 +17,10 @@ from esam.report import find_summaries
 
 # (column, dotted config key): what the search varies besides the seed.
 SETTING = [("noise", "dataset.label_noise"), ("model", "model.name"), ("epochs", "trainer.epochs"),
+           ("budget", "trainer.budget"),
            ("lr", "optimizer.lr"), ("wd", "optimizer.weight_decay"), ("method", "optimizer.label"),
            ("rho", "optimizer.rho"), ("beta", "optimizer.beta"), ("gamma", "optimizer.gamma")]
-BASELINE_KEYS = ["noise", "model", "epochs", "lr", "wd"]
+BASELINE_KEYS = ["noise", "model", "epochs", "budget", "lr", "wd"]
 
 
 def dig(config: dict, dotted: str):
@@ -42,7 +43,7 @@ def settings_table(runs: pd.DataFrame) -> pd.DataFrame:
     """Mean/std per setting; for non-SGD rows the gap over SGD (final accuracy) and whether it
     exceeds twice the larger of the two seed stds."""
     keys = [c for c, _ in SETTING]
-    g = runs.fillna({"rho": -1, "beta": -1, "gamma": -1}).groupby(keys, sort=True)
+    g = runs.fillna({"budget": -1, "rho": -1, "beta": -1, "gamma": -1}).groupby(keys, sort=True)
     t = g.agg(n=("final", "size"), final=("final", "mean"), final_std=("final", "std"),
               best=("best", "mean"), best_std=("best", "std")).reset_index()
     sgd = t[t.method == "sgd"].set_index(BASELINE_KEYS)[["final", "final_std"]]
@@ -64,7 +65,7 @@ def best_vs_best(t: pd.DataFrame) -> str:
     """Per noise rate and epochs: each method's best setting (final accuracy), and SAM's best against
     SGD's best, whatever their lr: the comparison that does not favour a method by its tuning."""
     lines = []
-    for (noise, epochs), part in t.groupby(["noise", "epochs"]):
+    for (noise, epochs), part in t[t.budget.isna()].groupby(["noise", "epochs"]):
         best = part.loc[part.groupby("method").final.idxmax()].set_index("method")
         if not {"sgd", "sam"} <= set(best.index):
             continue
@@ -77,13 +78,14 @@ def best_vs_best(t: pd.DataFrame) -> str:
 
 
 def markdown(t: pd.DataFrame) -> str:
-    head = ["noise", "model", "epochs", "lr", "wd", "method", "ρ", "n", "final acc %", "best acc %",
+    head = ["noise", "model", "epochs", "budget", "lr", "wd", "method", "ρ", "n", "final acc %", "best acc %",
             "final gap vs SGD", "> 2 std"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in t.itertuples():
         rho = "" if r.rho is None or pd.isna(r.rho) else f"{r.rho:g}"
         gap = "" if r.gap_vs_sgd is None or pd.isna(r.gap_vs_sgd) else f"{r.gap_vs_sgd:+.2f}"
-        lines.append(f"| {r.noise:g} | {r.model} | {r.epochs} | {r.lr:g} | {r.wd:g} | {r.method} | {rho} | {r.n} "
+        budget = "" if r.budget is None or pd.isna(r.budget) else f"{r.budget:g}"
+        lines.append(f"| {r.noise:g} | {r.model} | {r.epochs} | {budget} | {r.lr:g} | {r.wd:g} | {r.method} | {rho} | {r.n} "
                      f"| {r.final:.2f} ± {r.final_std:.2f} | {r.best:.2f} ± {r.best_std:.2f} | {gap} | {r.gap_gt_2std} |")
     return "\n".join(lines)
 
