@@ -81,7 +81,7 @@ reproduce-digits: install ## The CPU reproduction in results/digits: digits swee
 
 CPU_DIR ?= multirun/cpu_benchmark/$(STAMP_NOW)
 .PHONY: reproduce-cpu
-reproduce-cpu: install ## The CPU benchmark in results/cpu-benchmark (digits, 40% label noise): every method x 5 seeds at equal epochs, SGD/SAM/ESAM at 3 compute budgets, then the report
+reproduce-cpu: install ## The CPU benchmark in results/cpu-benchmark (digits, 40% label noise): every method x 5 seeds at equal epochs, SGD/SAM/ESAM (+ablation) at 3 compute budgets, then the report
 	$(PYTHON) -m esam.train -m +sweep=cpu_benchmark_base hydra.sweep.dir=$(CPU_DIR)/base $(ARGS)
 	$(PYTHON) -m esam.train -m +sweep=cpu_benchmark_sgd_tuned hydra.sweep.dir=$(CPU_DIR)/sgd_tuned $(ARGS)
 	$(PYTHON) -m esam.train -m +sweep=cpu_benchmark hydra.sweep.dir=$(CPU_DIR)/sam_family $(ARGS)
