@@ -199,3 +199,12 @@ def test_grad_scaler_step_equals_unscaled_step(base):
     from switch_helpers import scaled_equals_unscaled
 
     scaled_equals_unscaled(lambda m: make(m, base), mlp, batches("mlp", 4))
+
+
+def test_best_checkpoint_holds_the_evaluated_moved_back_weights(tmp_path):
+    """best.pt is what was evaluated: MSAM's weights moved back, not the perturbed ones it trains at."""
+    out = tmp_path / "run"
+    train_digits("msam", out)
+    best = torch.load(out / "checkpoints" / "best.pt", weights_only=False)["model"]
+    last = torch.load(out / "checkpoints" / "last.pt", weights_only=False)["model"]
+    assert all(torch.equal(best[k], last[k]) for k in best)  # one epoch: best = last, both moved back

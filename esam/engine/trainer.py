@@ -293,9 +293,10 @@ class Trainer:
         if (every > 0 and s.epoch % every == 0) or self._finished():
             self.save_checkpoint()
         if is_best and tc.keep_best and self.run.dist.is_main:
-            atomic_torch_save({"format": CHECKPOINT_FORMAT, "model": self.model.state_dict(),
-                               "epoch": s.epoch, "test_acc": record["test_acc"]},
-                              self.run.checkpoint_dir / "best.pt")
+            with self.optimizer.evaluation_weights():  # the weights that were evaluated (MSAM: moved back)
+                atomic_torch_save({"format": CHECKPOINT_FORMAT, "model": self.model.state_dict(),
+                                   "epoch": s.epoch, "test_acc": record["test_acc"]},
+                                  self.run.checkpoint_dir / "best.pt")
 
     # -- stopping ---------------------------------------------------------------------------
     def save_checkpoint(self, name: str = "last.pt") -> Path | None:
