@@ -106,14 +106,15 @@ def plot_pareto(table: pd.DataFrame, path: Path) -> Path | None:
     axis = (("compute_used", "compute used (SGD-epoch equivalents)"), ("wall_time_s", "training wall time, s"))
     for col, (title, part) in enumerate(panels):
         methods = sorted(part.optimizer.unique(), key=str)
-        colors = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
+        colors = {m: plt.cm.tab20(i % 20) for i, m in enumerate(methods)}  # up to 20 methods apart
+        markers = {m: "osD^v<>ph*"[i % 10] for i, m in enumerate(methods)}
         for row, (x, xlabel) in enumerate(axis):
             ax = axes[row][col]
             xs, ys = part[f"{x}_mean"].to_numpy(float), part.acc_final_mean.to_numpy(float)
             for method in methods:
                 m = part[part.optimizer == method]
                 ax.errorbar(m[f"{x}_mean"], m.acc_final_mean, xerr=m[f"{x}_std"].fillna(0),
-                            yerr=m.acc_final_std.fillna(0), fmt="o", capsize=3, color=colors[method],
+                            yerr=m.acc_final_std.fillna(0), fmt=markers[method], capsize=3, color=colors[method],
                             label=str(method).upper())
             front = pareto_front(xs, ys)
             if front.any():
