@@ -8,6 +8,7 @@ times (the middle call under ``no_grad``).
 from __future__ import annotations
 
 import contextlib
+from collections import defaultdict
 from typing import Any, Callable, Iterable
 
 import torch
@@ -45,6 +46,33 @@ def resolve_base_optimizer(base: str | type) -> tuple[type[torch.optim.Optimizer
         f"base optimizer must be a torch.optim.Optimizer subclass or one of "
         f"{sorted(BASE_OPTIMIZERS)}, got {base!r}"
     )
+
+
+# -- many tensors as one vector (the methods' norms, projections and updates) -------------
+def global_dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
+    """<a, b> over all tensors as one vector (a 0-dim tensor on the first tensor's device)."""
+    device = a[0].device
+    return torch.stack([torch.vdot(x.flatten(), y.flatten()).to(device) for x, y in zip(a, b)]).sum()
+
+
+def global_norm(ts: list[torch.Tensor]) -> torch.Tensor:
+    """||ts|| over all tensors as one vector."""
+    norms = torch._foreach_norm(ts)
+    return torch.linalg.vector_norm(torch.stack([n.to(ts[0].device) for n in norms]))
+
+
+def by_device(tensors: list[torch.Tensor]) -> dict[torch.device, list[int]]:
+    """Indices of ``tensors`` grouped by device: foreach ops take one device at a time."""
+    out: dict[torch.device, list[int]] = defaultdict(list)
+    for i, t in enumerate(tensors):
+        out[t.device].append(i)
+    return out
+
+
+def scaled_add_(dst: list[torch.Tensor], src: list[torch.Tensor], scale: torch.Tensor) -> None:
+    """dst += scale * src, for a 0-dim device tensor ``scale`` (no host sync)."""
+    for d, s in zip(dst, src):
+        d.add_(s * scale.to(s.device))
 
 
 class SharpnessAwareOptimizer(torch.optim.Optimizer):

@@ -8,8 +8,7 @@ from typing import Any, Iterable
 import torch
 import torch.distributed as dist
 
-from esam.optim.base import Closure
-from esam.optim.looksam import global_dot
+from esam.optim.base import Closure, global_dot
 from esam.optim.registry import MethodInfo, register_method
 from esam.optim.sam import SAM
 

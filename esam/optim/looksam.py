@@ -6,27 +6,9 @@ from typing import Any, Iterable
 
 import torch
 
-from esam.optim.base import Closure
+from esam.optim.base import Closure, global_dot, global_norm, scaled_add_
 from esam.optim.registry import MethodInfo, register_method
 from esam.optim.sam import SAM
-
-
-def global_dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
-    """<a, b> over all tensors as one vector (a 0-dim tensor on the first tensor's device)."""
-    device = a[0].device
-    return torch.stack([torch.vdot(x.flatten(), y.flatten()).to(device) for x, y in zip(a, b)]).sum()
-
-
-def global_norm(ts: list[torch.Tensor]) -> torch.Tensor:
-    """||ts|| over all tensors as one vector."""
-    norms = torch._foreach_norm(ts)
-    return torch.linalg.vector_norm(torch.stack([n.to(ts[0].device) for n in norms]))
-
-
-def scaled_add_(dst: list[torch.Tensor], src: list[torch.Tensor], scale: torch.Tensor) -> None:
-    """dst += scale * src, for a 0-dim device tensor ``scale`` (no host sync)."""
-    for d, s in zip(dst, src):
-        d.add_(s * scale.to(s.device))
 
 
 class LookSAM(SAM):

@@ -22,9 +22,8 @@ from typing import Any, Iterator, Iterable
 
 import torch
 
-from esam.optim.base import Closure, SharpnessAwareOptimizer
+from esam.optim.base import Closure, SharpnessAwareOptimizer, by_device, global_norm
 from esam.optim.registry import MethodInfo, register_method
-from esam.optim.sam import _by_device
 
 # The base optimizer's state entry that is its momentum, by optimizer.
 MOMENTUM_KEYS = ("momentum_buffer", "exp_avg")
@@ -103,7 +102,7 @@ class MSAM(SharpnessAwareOptimizer):
             if c is None:
                 continue
             # One op per device; p + sign * v * c exactly as p.addcmul_(v, c, value=sign) computes it.
-            for dev, idx in _by_device(ps).items():
+            for dev, idx in by_device(ps).items():
                 c_dev = c.to(dev)
                 torch._foreach_addcmul_([ps[j] for j in idx], [vs[j] for j in idx], [c_dev] * len(idx),
                                         value=sign)
@@ -116,9 +115,7 @@ class MSAM(SharpnessAwareOptimizer):
             self._scales = None
             return
         vs = [v for _, _, g_vs in groups for v in g_vs]
-        norms = torch._foreach_norm(vs)
-        device = norms[0].device
-        norm = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
+        norm = global_norm(vs)
         self._scales = [None] * len(self.param_groups)
         for i, _, _ in groups:
             self._scales[i] = self.param_groups[i]["rho"] / (norm + self.eps)

@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import contextlib
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Iterable
 
 import torch
 
-from esam.optim.base import Closure, SharpnessAwareOptimizer
+from esam.optim.base import Closure, SharpnessAwareOptimizer, by_device, global_norm
 from esam.optim.registry import MethodInfo, register_method
 
 
@@ -206,9 +205,7 @@ class SAM(SharpnessAwareOptimizer):
         for group, ps in by_group:
             if group["adaptive"]:
                 torch._foreach_mul_([p.grad for p in ps], torch._foreach_abs([p.detach() for p in ps]))
-        norms = torch._foreach_norm(grads_all)
-        device = norms[0].device
-        grad_norm = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
+        grad_norm = global_norm(grads_all)
         if grad_scaler is not None and not torch.isfinite(grad_norm).item():
             grad_scaler.update(grad_scaler.get_scale() * grad_scaler.get_backoff_factor())
             return None
@@ -217,7 +214,7 @@ class SAM(SharpnessAwareOptimizer):
             es = [p.grad for p in ps]
             if group["adaptive"]:
                 torch._foreach_mul_(es, torch._foreach_abs([p.detach() for p in ps]))
-            for dev, idx in _by_device(ps).items():
+            for dev, idx in by_device(ps).items():
                 torch._foreach_mul_([es[i] for i in idx], scale.to(dev))
             backups = [self._backup_for(p) for p in ps]
             torch._foreach_copy_(backups, ps)
@@ -251,11 +248,6 @@ class _Pass:
     overflow: bool = False          # fp16 gradients overflowed: nothing was updated
 
 
-def _by_device(tensors: list[torch.Tensor]) -> dict[torch.device, list[int]]:
-    out: dict[torch.device, list[int]] = defaultdict(list)
-    for i, t in enumerate(tensors):
-        out[t.device].append(i)
-    return out
 
 
 register_method(MethodInfo(

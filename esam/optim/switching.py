@@ -24,7 +24,7 @@ from typing import Any, Iterable
 import torch
 import torch.distributed as dist
 
-from esam.optim.base import Closure
+from esam.optim.base import Closure, global_norm
 from esam.optim.esam import ESAM, esam_cost
 from esam.optim.registry import MethodInfo, register_method
 
@@ -241,9 +241,7 @@ class AESAM(SwitchingSAM):
         grads = [p.grad for p in self._trainable() if p.grad is not None]
         if not grads:
             return 0.0
-        norms = torch._foreach_norm(grads)
-        device = norms[0].device
-        norm = float(torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms])))
+        norm = float(global_norm(grads))
         if grad_scaler is not None:
             norm /= grad_scaler.get_scale()
         return norm * norm
