@@ -26,7 +26,7 @@ from esam.bench.methods import MethodSpec, method_specs
 from esam.data import build_data
 from esam.engine.build import configure_backends
 from esam.errors import UserError
-from esam.models import build_model
+from esam.models import build_model_on, count_parameters
 from esam.optim import SharpnessAwareOptimizer, build_from_spec, make_closure
 from esam.runtime import autocast_context, resolve_device, resolve_precision, sync
 
@@ -169,12 +169,10 @@ class Bench:
         self.batch_size, self.input_shape = self.batches[0][0].shape[0], tuple(self.batches[0][0].shape[1:])
 
         torch.manual_seed(cfg.seed)
-        template = build_model(cfg.model.name, num_classes=data.num_classes, in_channels=data.in_channels,
-                               **cfg.model.args).to(self.device)
-        if self.channels_last:
-            template = template.to(memory_format=torch.channels_last)
+        template = build_model_on(cfg.model.name, num_classes=data.num_classes, in_channels=data.in_channels,
+                                  device=self.device, channels_last=self.channels_last, **cfg.model.args)
         template.train()
-        self.num_params = sum(p.numel() for p in template.parameters())
+        self.num_params = count_parameters(template)
         self.methods: list[Method] = []
         for spec in specs:
             model = copy.deepcopy(template)  # same initial weights for everyone

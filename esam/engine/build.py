@@ -21,7 +21,7 @@ from torch import nn
 from esam.data import DataBundle, build_data
 from esam.engine.schedule import lr_factor, planned_epochs
 from esam.errors import UserError
-from esam.models import build_model, count_parameters
+from esam.models import build_model_on, count_parameters
 from esam.optim.registry import SGD_UNITS, build_from_spec, get_method
 from esam.runtime import (DistInfo, autocast_context, init_distributed, resolve_device, resolve_precision,
                           seed_everything)
@@ -145,12 +145,10 @@ def build_run(cfg: DictConfig, run_dir: str | Path) -> Run:
     data = build_data(ds.pop("name"), **ds, seed=cfg.seed, device=device, channels_last=cfg.model.channels_last,
                       rank=info.rank, world_size=info.world_size)
     torch.manual_seed(cfg.seed)  # same initial weights whatever the data builder drew
-    model = build_model(cfg.model.name, num_classes=data.num_classes, in_channels=data.in_channels,
-                        **OmegaConf.to_container(cfg.model.args, resolve=True))
+    model = build_model_on(cfg.model.name, num_classes=data.num_classes, in_channels=data.in_channels,
+                           device=device, channels_last=cfg.model.channels_last,
+                           **OmegaConf.to_container(cfg.model.args, resolve=True))
     num_params = count_parameters(model)
-    model = model.to(device)
-    if cfg.model.channels_last:
-        model = model.to(memory_format=torch.channels_last)
     ddp_model: nn.Module = model
     if info.world_size > 1:
         ddp_model = nn.parallel.DistributedDataParallel(

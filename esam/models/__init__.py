@@ -8,8 +8,9 @@ from esam.models.registry import (
     NATIVE_SHAPES,
     NativeShape,
     build_model,
+    build_model_on,
     count_parameters,
     register_model,
 )
 
-__all__ = ["MODELS", "NATIVE_SHAPES", "NativeShape", "build_model", "count_parameters", "register_model"]
+__all__ = ["MODELS", "NATIVE_SHAPES", "NativeShape", "build_model", "build_model_on", "count_parameters", "register_model"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import torch
 from torch import nn
 
 from esam.errors import UserError
@@ -46,6 +47,14 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, **kwargs: Any
     if name not in MODELS:
         raise UserError(f"unknown model {name!r}; allowed: {', '.join(sorted(MODELS))}")
     return MODELS[name](num_classes=num_classes, in_channels=in_channels, **kwargs)
+
+
+def build_model_on(name: str, *, num_classes: int, in_channels: int, device: Any, channels_last: bool,
+                   **kwargs: Any) -> nn.Module:
+    """``build_model`` moved to ``device`` (and to channels_last memory): what the trainer and the
+    bench train. Seed torch before calling it for reproducible initial weights."""
+    model = build_model(name, num_classes=num_classes, in_channels=in_channels, **kwargs).to(device)
+    return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
 def count_parameters(model: nn.Module) -> int:
