@@ -56,6 +56,11 @@ def checkpoint_state(run: Any, progress: Progress, acc: EpochAccumulator | None,
     }
 
 
+def best_state(run: Any, epoch: int, test_acc: float) -> dict[str, Any]:
+    """checkpoints/best.pt: the weights of the best epoch so far (for evaluation, not resuming)."""
+    return {"format": CHECKPOINT_FORMAT, "model": run.model.state_dict(), "epoch": epoch, "test_acc": test_acc}
+
+
 def _dig(d: Any, key: str) -> Any:
     for k in key.split("."):
         d = d.get(k) if isinstance(d, dict) else None

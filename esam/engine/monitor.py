@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 
 @dataclass
@@ -126,3 +127,33 @@ class NonFiniteWatch:
         """Host read (a device sync on CUDA): call it only at check points."""
         step = int(self.first)
         return step if step >= 0 else None
+
+
+def epoch_record(acc: EpochAccumulator, epoch_time: float, run: Any, *, epoch: int, compute_used: float,
+                 wall_time_before: float) -> dict[str, Any]:
+    """The epoch's metrics.jsonl line from its device sums (all-reduced over DDP ranks: one read)."""
+    sums = torch.stack([acc.loss_sum, acc.correct.double(),
+                        torch.tensor(float(acc.samples), device=run.device, dtype=torch.float64)])
+    if run.dist.world_size > 1:
+        dist.all_reduce(sums)
+    loss_sum, correct, samples = sums.tolist()  # all ranks
+    record: dict[str, Any] = {
+        "epoch": epoch,
+        "lr": acc.lr,
+        "train_loss": loss_sum / samples,
+        "train_acc": 100.0 * correct / samples,
+        "epoch_time_s": epoch_time,
+        "train_steps": acc.steps,
+        "train_img_per_s": (acc.timed_samples * run.dist.world_size / acc.timed_seconds
+                            if acc.timed_seconds > 0 else None),
+        "epoch_img_per_s": samples / epoch_time if epoch_time > 0 else None,
+        "step_ms": 1000.0 * acc.timed_seconds / acc.timed_steps if acc.timed_steps else None,
+        "timed_steps": acc.timed_steps,
+        "timed_seconds": acc.timed_seconds,
+        # Cumulative: SGD-epoch equivalents spent, and training wall time (evaluation excluded).
+        "compute_used": compute_used,
+        "wall_time_s": wall_time_before + epoch_time,
+    }
+    for k, v in acc.stats.items():  # whatever the method reports, averaged over the epoch's steps
+        record[f"sam_{k}"] = float(v) / max(1, acc.steps)
+    return record

@@ -27,14 +27,15 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from esam.engine.build import Run, build_run
-from esam.engine.checkpoint import Progress, checkpoint_state, restore, resolve_resume, resume_command
-from esam.engine.monitor import EpochAccumulator, NonFiniteWatch, StepTimer
+from esam.engine.checkpoint import (Progress, best_state, checkpoint_state, restore, resolve_resume,
+                                    resume_command)
+from esam.engine.monitor import EpochAccumulator, NonFiniteWatch, StepTimer, epoch_record
 from esam.engine.run_files import RunFiles, epoch_line, say, summarize
 from esam.engine.signals import StopSignals
 from esam.errors import UserError
 from esam.loggers import build_logger
 from esam.optim.closure import make_closure
-from esam.runtime import CHECKPOINT_FORMAT, atomic_torch_save, load_checkpoint
+from esam.runtime import atomic_torch_save, load_checkpoint
 
 
 class NonFiniteLossError(UserError):
@@ -190,7 +191,10 @@ class Trainer:
             bar.close()
         self._check()  # the epoch's last look: its loss must be finite (a signal is handled after it)
         self._flush_timer()
-        return self._epoch_record(acc, acc.elapsed_before + time.perf_counter() - t_epoch)
+        previous = self.state.history[-1] if self.state.history else {}
+        return epoch_record(acc, acc.elapsed_before + time.perf_counter() - t_epoch, self.run,
+                            epoch=self.state.epoch + 1, compute_used=self.state.compute_units / self.run.epoch_units,
+                            wall_time_before=previous.get("wall_time_s", 0.0))
 
     def _check(self) -> bool:
         """Read what the device kept: raise on a non-finite training loss, and return whether
@@ -220,36 +224,6 @@ class Trainer:
         self.acc.timed_samples += samples
         self.acc.timed_seconds += seconds
 
-    def _epoch_record(self, acc: EpochAccumulator, epoch_time: float) -> dict[str, Any]:
-        run = self.run
-        sums = torch.stack([acc.loss_sum, acc.correct.double(),
-                            torch.tensor(float(acc.samples), device=run.device, dtype=torch.float64)])
-        if run.dist.world_size > 1:
-            dist.all_reduce(sums)
-        loss_sum, correct, samples = sums.tolist()  # all ranks
-        previous = self.state.history[-1] if self.state.history else {}
-        record: dict[str, Any] = {
-            "epoch": self.state.epoch + 1,
-            "lr": acc.lr,
-            "train_loss": loss_sum / samples,
-            "train_acc": 100.0 * correct / samples,
-            "epoch_time_s": epoch_time,
-            "train_steps": acc.steps,
-            "train_img_per_s": (acc.timed_samples * run.dist.world_size / acc.timed_seconds
-                                if acc.timed_seconds > 0 else None),
-            "epoch_img_per_s": samples / epoch_time if epoch_time > 0 else None,
-            "step_ms": 1000.0 * acc.timed_seconds / acc.timed_steps if acc.timed_steps else None,
-            "timed_steps": acc.timed_steps,
-            "timed_seconds": acc.timed_seconds,
-            # Cumulative: SGD-epoch equivalents spent, and training wall time (evaluation excluded).
-            "compute_used": self.state.compute_units / run.epoch_units,
-            "wall_time_s": previous.get("wall_time_s", 0.0) + epoch_time,
-        }
-        for k, v in acc.stats.items():  # whatever the method reports, averaged over the epoch's steps
-            record[f"sam_{k}"] = float(v) / max(1, acc.steps)
-        return record
-
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         with self.optimizer.evaluation_weights():
             return self._evaluate()
@@ -293,10 +267,7 @@ class Trainer:
         if (every > 0 and s.epoch % every == 0) or self._finished():
             self.save_checkpoint()
         if is_best and tc.keep_best and self.run.dist.is_main:
-            with self.optimizer.evaluation_weights():  # the weights that were evaluated (MSAM: moved back)
-                atomic_torch_save({"format": CHECKPOINT_FORMAT, "model": self.model.state_dict(),
-                                   "epoch": s.epoch, "test_acc": record["test_acc"]},
-                                  self.run.checkpoint_dir / "best.pt")
+            self._write("best.pt", lambda: best_state(self.run, s.epoch, record["test_acc"]))
 
     # -- stopping ---------------------------------------------------------------------------
     def save_checkpoint(self, name: str = "last.pt") -> Path | None:
@@ -305,9 +276,14 @@ class Trainer:
             self._non_finite(f"weights after step {self.state.global_step}")
         if not self.run.dist.is_main:
             return None
+        return self._write(name, lambda: checkpoint_state(self.run, self.state, self.acc, self._train_time()))
+
+    def _write(self, name: str, state) -> Path:
+        """Save ``state()`` atomically, built and written with the weights that are evaluated
+        (a method that trains at perturbed weights, MSAM, moves them back inside)."""
         path = self.run.checkpoint_dir / name
         with self.optimizer.evaluation_weights():
-            atomic_torch_save(checkpoint_state(self.run, self.state, self.acc, self._train_time()), path)
+            atomic_torch_save(state(), path)
         return path
 
     def _save_and_exit(self, saved: str) -> None:
