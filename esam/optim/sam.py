@@ -128,8 +128,14 @@ class SAM(SharpnessAwareOptimizer):
         finally:
             for p in frozen:
                 p.requires_grad_(True)
-        losses_w = losses_w.detach()
+        return self._ascent_pass(closure, losses_w.detach(), participants, len(frozen), subset, grad_scaler,
+                                 update_bn=update_bn, scale=scale, stash=stash, sync=sync)
 
+    def _ascent_pass(self, closure: Closure, losses_w: torch.Tensor, participants: list[torch.Tensor],
+                     n_frozen: int, subset: torch.Tensor | None, grad_scaler, *, update_bn: bool = True,
+                     scale: float = 1.0, stash=None, sync: bool = True) -> "_Pass":
+        """From the first-pass gradient in .grad: ascend to w+e at ``participants``, (select,) take
+        the second pass there, restore w. Also the sharpness-aware half of AE-SAM's step."""
         self._phase("perturb")
         perturbed = self._perturb(participants, grad_scaler)
         if perturbed is None:  # fp16 overflow: the step is skipped
@@ -152,7 +158,7 @@ class SAM(SharpnessAwareOptimizer):
         self._phase("restore")
         self._restore(perturbed)
         return _Pass(losses_w, sharpness, losses_e.shape[0], losses_w.shape[0],
-                     len(participants) / max(1, len(participants) + len(frozen)),
+                     len(participants) / max(1, len(participants) + n_frozen),
                      self._selected_forward(losses_w.shape[0]))
 
     def _bn_stats_context(self, update: bool) -> contextlib.AbstractContextManager:

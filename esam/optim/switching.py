@@ -267,30 +267,18 @@ class AESAM(SwitchingSAM):
             return losses_w
 
         # The inner step, its first pass being the one above (all tensors got a gradient).
-        self._phase("perturb")
         participants = self._draw_participants()  # ESAM's SWP: which tensors are perturbed
-        perturbed = self._perturb(participants, grad_scaler)
-        if perturbed is None:  # fp16 overflow: skipped, as GradScaler skips an inf step
+        part = self._ascent_pass(closure, losses_w, participants, len(self._trainable()) - len(participants),
+                                 None, grad_scaler)
+        if part.overflow:  # fp16 overflow: skipped, as GradScaler skips an inf step
             self.zero_grad()
             self._phase("end")
             self._record(sam=True, sharpness=0.0, cost=3.0)
             return losses_w
-        self.zero_grad()
-        with self._bn_stats_context(self.bn_stats == "all"):
-            indices, sharpness = self._select(closure, losses_w, None)
-            self._phase("second_pass")
-            losses_e = closure(indices)
-            self._backward(losses_e.mean(), grad_scaler)
-        if sharpness is None:
-            sharpness = (losses_e.detach() - losses_w).mean()
-        self._phase("restore")
-        self._restore(perturbed)
         self._base_step(grad_scaler)
         self._phase("end")
-        n = losses_w.shape[0]
         # full first pass 3 + selection forward (if any) + second forward/backward on the kept samples
-        cost = 3.0 + float(self._selected_forward(n)) + 3.0 * losses_e.shape[0] / n
-        self._record(sam=True, sharpness=sharpness, cost=cost)
+        self._record(sam=True, sharpness=part.sharpness, cost=3.0 + float(part.selected) + 3.0 * part.kept / part.n)
         return losses_w
 
     def extra_state(self) -> dict[str, Any]:
