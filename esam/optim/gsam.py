@@ -2,7 +2,6 @@
 orthogonal to the SAM gradient, which shrinks the surrogate gap; rho follows the lr."""
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Iterable
 
 import torch
@@ -105,20 +104,11 @@ class GSAM(SAM):
                     buf = self._g[p] = torch.empty_like(p.grad)
                 buf.copy_(p.grad)
 
-        self._phase("perturb")
-        perturbed = self._perturb(params, grad_scaler)
-        if perturbed is None:  # fp16 overflow: the step is skipped
+        part = self._ascent_pass(closure, losses_w, params, 0, None, grad_scaler, sync=not by_hand)
+        if part.overflow:  # fp16 overflow: the step is skipped
             self.zero_grad()
             self._phase("end")
             return losses_w
-        self.zero_grad()
-        with self._frozen_bn_stats():
-            self._phase("second_pass")
-            with self._first_pass_context() if by_hand else contextlib.nullcontext():
-                losses_e = closure()
-                self._backward(losses_e.mean(), grad_scaler)
-        self._phase("restore")
-        self._restore(perturbed)
 
         self._phase("decompose")
         with torch.no_grad():
@@ -135,7 +125,7 @@ class GSAM(SAM):
                 _all_reduce_mean(g_s)
         self._base_step(grad_scaler)
         self._phase("end")
-        self.last_stats = {"sharpness": (losses_e.detach() - losses_w).mean(), "rho": rho_t}
+        self.last_stats = {"sharpness": part.sharpness, "rho": rho_t}
         self.last_cost = 6.0
         return losses_w
 

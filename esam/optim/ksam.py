@@ -62,27 +62,15 @@ class KSAM(SAM):
             ranked = losses_all.to(torch.promote_types(losses_all.dtype, torch.float32))
             indices = None if k >= n else torch.topk(ranked, k, sorted=False).indices
 
-        with self._frozen_bn_stats():
-            self._phase("first_pass")
-            with self._first_pass_context():
-                losses_w = closure(indices)
-                self._backward(losses_w.mean(), grad_scaler)
-            losses_w = losses_w.detach()
-            self._phase("perturb")
-            perturbed = self._perturb(self._trainable(), grad_scaler)
-            if perturbed is None:  # fp16 overflow: the step is skipped
-                self.zero_grad()
-                self._phase("end")
-                return losses_all
+        # SAM's two passes on the k samples; BN statistics were updated by the forward above.
+        part = self._sharpness_pass(closure, indices, grad_scaler, update_bn=False)
+        if part.overflow:  # fp16 overflow: the step is skipped
             self.zero_grad()
-            self._phase("second_pass")
-            losses_e = closure(indices)
-            self._backward(losses_e.mean(), grad_scaler)
-        self._phase("restore")
-        self._restore(perturbed)
+            self._phase("end")
+            return losses_all
         self._base_step(grad_scaler)
         self._phase("end")
-        self.last_stats = {"sharpness": (losses_e.detach() - losses_w).mean(), "sample_frac": k / n}
+        self.last_stats = {"sharpness": part.sharpness, "sample_frac": k / n}
         self.last_cost = 1.0 + 6.0 * k / n
         return losses_all
 

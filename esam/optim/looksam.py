@@ -78,19 +78,10 @@ class LookSAM(SAM):
                 buf = gv[p] = torch.empty_like(p.grad)
             buf.copy_(p.grad)
 
-        self._phase("perturb")
-        perturbed = self._perturb(params, grad_scaler)
-        if perturbed is None:  # fp16 overflow: the step is skipped, the next one is a SAM step
-            self.zero_grad()
+        if self._ascent_pass(closure, losses_w, params, 0, None, grad_scaler).overflow:
+            self.zero_grad()  # fp16 overflow: the step is skipped, the next one is a SAM step
             self._phase("end")
             return losses_w
-        self.zero_grad()
-        with self._frozen_bn_stats():
-            self._phase("second_pass")
-            losses_e = closure()
-            self._backward(losses_e.mean(), grad_scaler)
-        self._phase("restore")
-        self._restore(perturbed)
 
         if params:
             with torch.no_grad():
