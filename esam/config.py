@@ -47,6 +47,9 @@ class DatasetConfig:
     test_batch_size: int = 512
     drop_last: bool = False
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # N > 0: train on N random images of this dataset's shape (classes, channels, size) instead
+    # of reading it, for smoke runs of a recipe without its data (trainer=debug dataset.fake=256).
+    fake: int = 0
 
 
 @dataclass
@@ -160,6 +163,7 @@ class TrainerConfig:
     timing_warmup_steps: int = 5          # steps excluded from the step timer
     limit_train_batches: int = 0          # 0 = all (for smoke runs)
     limit_test_batches: int = 0
+    max_steps: int = 0                    # stop after this many steps of the run (0 = off; trainer=debug)
     checkpoint_every: int = 1             # epochs; 0 = only at the end and on signals
     keep_best: bool = True
     resume: Optional[str] = None          # null | auto | <run folder> (continue there) | <file.pt> (new folder)

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from esam.data import DataBundle, build_data
+from esam.data.fake import build_fake
 from esam.engine.schedule import lr_factor, planned_epochs
 from esam.errors import UserError
 from esam.models import build_model_on, count_parameters
@@ -84,6 +85,8 @@ def check_trainer_config(tc: DictConfig) -> None:
         raise UserError(f"trainer.epochs must be >= 1, got {tc.epochs}")
     if tc.get("budget") is not None and not tc.budget > 0:
         raise UserError(f"trainer.budget must be > 0 (SGD-epoch equivalents) or null, got {tc.budget}")
+    if tc.get("max_steps", 0) < 0:
+        raise UserError(f"trainer.max_steps must be >= 0 (0 = off), got {tc.max_steps}")
     if tc.get("check_every", 1) < 1:
         raise UserError(f"trainer.check_every must be >= 1 (steps), got {tc.check_every}")
 
@@ -142,7 +145,8 @@ def build_run(cfg: DictConfig, run_dir: str | Path) -> Run:
     seed_everything(cfg.seed)
 
     ds = OmegaConf.to_container(cfg.dataset, resolve=True)
-    data = build_data(ds.pop("name"), **ds, seed=cfg.seed, device=device, channels_last=cfg.model.channels_last,
+    build = build_fake if ds.get("fake", 0) > 0 else build_data
+    data = build(ds.pop("name"), **ds, seed=cfg.seed, device=device, channels_last=cfg.model.channels_last,
                       rank=info.rank, world_size=info.world_size)
     torch.manual_seed(cfg.seed)  # same initial weights whatever the data builder drew
     model = build_model_on(cfg.model.name, num_classes=data.num_classes, in_channels=data.in_channels,

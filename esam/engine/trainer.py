@@ -127,11 +127,19 @@ class Trainer:
         return logger
 
     def _finished(self) -> bool:
+        if self._max_steps_reached():
+            return True
         if self.run.budget is None:
             return self.state.epoch >= self.cfg.trainer.epochs
         # Between epochs: would the next epoch's first (full) batch be past the budget? The same
         # question the loop asks before each step, so no epoch starts only to run no step.
         return self.state.step_in_epoch == 0 and self._budget_reached(self.cfg.dataset.batch_size)
+
+    def _max_steps_reached(self) -> bool:
+        """trainer.max_steps (trainer=debug): the first steps of the run as configured (its
+        schedule, batch and method), then the evaluation and the run's files, whatever its epochs."""
+        limit = self.cfg.trainer.get("max_steps", 0)
+        return limit > 0 and self.state.global_step >= limit
 
     def _budget_reached(self, next_samples: int) -> bool:
         """Is the compute measured so far at the budget, rounded to the nearest step boundary?
@@ -161,6 +169,8 @@ class Trainer:
             x, y, ids = next(batches)
             n_all = y.shape[0] * world
             if run.budget is not None and (world == 1 or agreed) and self._budget_reached(n_all):
+                break
+            if self._max_steps_reached():
                 break
             closure = make_closure(run.ddp_model, x, y, autocast=run.autocast, label_smoothing=tc.label_smoothing,
                                    channels_last=self.cfg.model.channels_last, sample_ids=ids)
