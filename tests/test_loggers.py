@@ -18,7 +18,7 @@ import pytest
 
 import esam.loggers as loggers
 from esam.loggers import (ACC_FINAL, COMPUTE_EXTRA_PCT, COMPUTE_SUMMARY_KEYS, COMPUTE_USED, WALL_TIME, WandbLogger,
-                          compute_extra_pct, summary_key, wandb_key)
+                          compute_extra_pct, stat_key, summary_key, wandb_key)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -237,6 +237,13 @@ def test_compute_overhead_vs_sgd_from_the_summary():
     assert math.isnan(compute_extra_pct({"test_acc_final": 90.0, "epochs": 10}))  # older summaries
 
 
+def test_method_statistics_have_one_namespace_in_files_and_wandb():
+    """ESAM's sharpness and LookSAM's sam_step: method_<stat> in metrics.jsonl, method/<stat> in wandb."""
+    assert stat_key("sharpness") == "method_sharpness" and wandb_key(stat_key("sharpness")) == "method/sharpness"
+    assert wandb_key(stat_key("sam_step")) == "method/sam_step" and summary_key("method/sam_step") == "method_sam_step"
+    assert wandb_key("method") == "method" and summary_key("method") == "method"  # the summary's method name
+
+
 def test_summary_keys_round_trip():
     for ours in ("test_acc_final", "test_acc_best", "compute_used", "wall_time_s", "img_per_s", "budget"):
         assert summary_key(wandb_key(ours)) == ours
@@ -256,7 +263,7 @@ def test_dashboard_panels_plot_the_keys_runs_log():
     panels = [p for _, ps in dash.panel_spec() for p in ps]
     used = {k for p in panels for k in [*p.get("y", []), *p.get("metrics", []), p.get("x")] if k}
     written = {wandb_key(k) for k in ("test_acc", "test_acc_best", "test_acc_final", "train_loss", "img_per_s",
-                                      "sam_sharpness", "compute_used", "wall_time_s")}
+                                      "method_sharpness", "compute_used", "wall_time_s")}
     written |= {"epoch", COMPUTE_EXTRA_PCT, "perf/extra_vs_sgd_pct"}
     assert used <= written, used - written
     scatter = {(p["x"], p["y"][0]) for p in panels if p["kind"] == "scatter"}

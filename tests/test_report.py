@@ -27,7 +27,7 @@ def summary(dataset: str, model: str, optimizer: str, seed: int, best: float, fi
     hyper = {"sgd": {}, "sam": {"rho": 0.05}, "esam": {"rho": 0.05, "beta": 0.6, "gamma": 0.5}}[optimizer]
     return {"status": "completed", "dataset": dataset, "model": model, "optimizer": optimizer, "seed": seed,
             "epochs": 200, "batch_size": 128, "test_acc_best": best, "test_acc_final": final, "img_per_s": img_s,
-            "rho": None, "beta": None, "gamma": None, "experiment": f"{dataset}_{model}", **GPU, **hyper, **extra}
+            "experiment": f"{dataset}_{model}", **GPU, "config": {"optimizer": {"name": optimizer, **hyper}}, **extra}
 
 
 def write_run(folder: Path, s: dict, accs: list[float] | None = None) -> None:
@@ -100,10 +100,22 @@ def test_hand_written_summaries_give_exact_table(hand_written, tmp_path):
 def test_seeds_of_different_settings_are_not_pooled(tmp_path):
     for seed, beta in ((0, 0.6), (1, 0.6), (2, 0.8)):
         s = summary("digits", "resnet_digits", "esam", seed, 90.0 + seed, 90.0, 100.0)
-        s["beta"] = beta
+        s["config"]["optimizer"]["beta"] = beta
         write_run(tmp_path / f"r{seed}", s)
     t = cell_table(load_runs([tmp_path])[0])
     assert sorted(zip(t.beta, t.n)) == [(0.6, 2), (0.8, 1)]
+
+
+def test_hyperparameters_come_from_the_config_not_legacy_top_level_keys(tmp_path):
+    """summary.json's old top-level rho/beta/gamma are not read: the resolved config is the one source."""
+    s = summary("digits", "resnet_digits", "esam", 0, 90.0, 90.0, 100.0, rho=0.5, beta=0.9, gamma=0.9)
+    write_run(tmp_path / "r", s)
+    row = load_runs([tmp_path])[0].iloc[0]
+    assert (row.rho, row.beta, row.gamma, row.hparams) == (0.05, 0.6, 0.5, "beta=0.6 gamma=0.5 rho=0.05")
+    del s["config"]  # a summary from before configs were saved: still read, without settings
+    write_run(tmp_path / "old", s)
+    old = load_runs([tmp_path / "old"])[0].iloc[0]
+    assert old.hparams == "" and math.isnan(old.rho) and old.test_acc_best == 90.0
 
 
 def test_multirun_of_two_methods_and_two_seeds(tmp_path):
@@ -172,7 +184,7 @@ def logged_run(run_id: str, optimizer: str, seed: int, acc: float, img_s: float)
     config = {"seed": seed, "experiment_name": "cifar10_resnet18",
               "dataset": {"name": "cifar10", "batch_size": 128},
               "model": {"name": "resnet18"}, "trainer": {"epochs": 200},
-              "optimizer": {"name": optimizer, **{k: s[k] for k in ("rho", "beta", "gamma") if s[k] is not None}}}
+              "optimizer": s["config"]["optimizer"]}
     history = [{"epoch": 1, "test/acc": acc - 5, "train/loss": 1.0, "_step": 0},
                {"epoch": 2, "test/acc": acc, "train/loss": 0.5, "_step": 1}]
     return FakeRun(run_id, wb_summary, config, history)
@@ -261,12 +273,13 @@ def digits_run(experiment: str, optimizer: str, seed: int, acc: float, *, lr: fl
     s = summary("digits", "resnet_digits", optimizer, seed, acc, acc, 1000.0, device="cpu",
                 device_name="AMD EPYC 7B13", precision="fp32", num_threads=1, experiment=experiment, epochs=30,
                 **extra)
+    hyper = {k: v for k, v in s["config"]["optimizer"].items() if k != "name"}
     s["config"] = {"experiment_name": experiment, "seed": seed,
                    "dataset": {"name": "digits", "root": "data", "batch_size": 128, "test_size": 0.2,
                                "label_noise": noise},
                    "optimizer": {"name": optimizer, "label": optimizer, "lr": lr, "weight_decay": 1e-3,
                                  "base": {"name": "sgd", "momentum": 0.9},
-                                 **{k: s[k] for k in ("rho", "beta", "gamma") if s[k] is not None}},
+                                 **hyper},
                    "trainer": {"epochs": 30, "budget": extra.get("budget")}}
     if finished is not None:
         s["finished_at"] = finished

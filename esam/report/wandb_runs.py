@@ -41,7 +41,6 @@ def row_from_wandb(run: Any) -> dict[str, Any] | None:
         s[summary_key(key)] = value
     for key, dotted in (("dataset", "dataset.name"), ("model", "model.label"), ("optimizer", "optimizer.label"),
                         ("method", "optimizer.name"), ("seed", "seed"), ("batch_size", "dataset.batch_size"),
-                        ("rho", "optimizer.rho"), ("beta", "optimizer.beta"), ("gamma", "optimizer.gamma"),
                         ("experiment", "experiment_name"), ("budget", "trainer.budget")):
         if s.get(key) is None:
             s[key] = _dig(config, dotted)
