@@ -6,6 +6,8 @@ import json
 import os
 import math
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -17,7 +19,7 @@ from esam.report import (PAPER, cell_table, curves_from_wandb, cells_markdown, e
                          load_wandb, pareto_front, push_extra_vs_sgd, row_from_wandb, runs_frame,
                          select_runs, write_report)
 from esam.train import run
-from conftest import FAST, compose_cfg, run_cli
+from conftest import FAST, REPO, compose_cfg, run_cli
 
 GPU = {"device": "cuda", "device_name": "NVIDIA A100", "world_size": 1, "precision": "bf16", "num_threads": 8}
 
@@ -434,3 +436,58 @@ def test_equal_compute_sweep_end_to_end(tmp_path):
     md = (out / "table.md").read_text().split("## At equal compute")[1]
     assert "| equal_compute | digits | resnet_digits |" in md
     assert "| 1 | SGD |" in md and "| 1 | SAM |" in md and (out / "pareto.png").is_file()
+
+
+# -- the command line and what the report says (issue 18 items 7, 9) ---------------------------
+def test_title_names_the_methods_of_the_report(tmp_path):
+    for i, method in enumerate(("looksam", "msam")):
+        s = summary("digits", "m", "sgd", 0, 90.0, 90.0, 100.0)
+        s.update(optimizer=method, method=method)
+        write_run(tmp_path / f"r{i}", s)
+    runs, curves = load_runs([tmp_path])
+    md = write_report(runs, curves, tmp_path / "out", plots=False)["md"].read_text()
+    assert md.startswith("# LOOKSAM vs MSAM\n") and "SGD vs SAM vs ESAM" not in md
+
+
+def test_without_out_the_report_goes_to_outputs_not_the_committed_results(tmp_path):
+    write_run(tmp_path / "runs" / "a", summary("digits", "m", "sgd", 0, 90.0, 90.0, 100.0))
+    proc = run_cli(["runs", "--no-plots"], cwd=tmp_path, module="esam.report")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "outputs" / "table" / "table.md").is_file() and not (tmp_path / "results").exists()
+    make = subprocess.run(["make", "-n", "--no-print-directory", "-o", "install", "table"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert make.returncode == 0, make.stderr
+    line = next(x for x in make.stdout.splitlines() if "-m esam.report" in x)
+    assert line.endswith("--out outputs/table"), line
+
+
+def test_runs_inside_the_timing_warmup_say_why_there_is_no_throughput(tmp_path):
+    write_run(tmp_path / "a", summary("digits", "m", "sgd", 0, 90.0, 90.0, None))
+    runs, curves = load_runs([tmp_path])
+    md = write_report(runs, curves, tmp_path / "out", plots=False)["md"].read_text()
+    assert "nan" not in md.lower()
+    assert "| 90.00 | 90.00 | – |" in md and "every step of those runs fell inside the timing warm-up" in md
+
+
+def no_wandb_login_env(tmp_path: Path) -> dict[str, str]:
+    """No wandb account or settings, and a server address nothing answers on."""
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "NETRC": str(home / ".netrc"),
+            "WANDB_CONFIG_DIR": str(home / "wandb_config"), "WANDB_CACHE_DIR": str(home / "wandb_cache"),
+            "WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_ERROR_REPORTING": "false"}
+
+
+def test_wandb_project_without_a_login_is_one_sentence(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "esam.report", "--wandb", "ent/proj"], cwd=REPO,
+                          env=no_wandb_login_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "UsageError" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "error: wandb has no API key here, so --wandb ent/proj cannot read the server: run `wandb login` (or set "
+        "WANDB_API_KEY), or report the run folders themselves (python -m esam.report outputs multirun), or the wandb "
+        "runs logged offline with --wandb FOLDER (e.g. --wandb outputs)"]
+    for args, says in ((["--wandb", "nofolder"], "--wandb nofolder: give ENTITY/PROJECT, or a folder of local wandb runs"),
+                       (["--wandb", str(tmp_path), "--push"], "--push writes into runs on the wandb server"),
+                       (["--wandb", str(tmp_path / "home")], "no wandb runs (run-*.wandb) below")):
+        proc = run_cli(args, module="esam.report")
+        assert proc.returncode == 2 and proc.stderr.startswith("error: " + says) and "Traceback" not in proc.stderr
