@@ -491,3 +491,96 @@ def test_wandb_project_without_a_login_is_one_sentence(tmp_path):
                        (["--wandb", str(tmp_path / "home")], "no wandb runs (run-*.wandb) below")):
         proc = run_cli(args, module="esam.report")
         assert proc.returncode == 2 and proc.stderr.startswith("error: " + says) and "Traceback" not in proc.stderr
+
+
+# -- one colour per method (issue 18 item 8) ----------------------------------------------------
+def test_every_registered_method_has_its_own_colour_far_from_the_others():
+    import itertools
+
+    from matplotlib.colors import to_rgb
+
+    from esam.optim import METHODS
+    from esam.report.colors import method_color, method_colors
+
+    colors = method_colors()
+    assert set(colors) == set(METHODS)
+    dist = lambda a, b: math.dist(to_rgb(a), to_rgb(b))  # noqa: E731
+    assert min(dist(colors[a], colors[b]) for a, b in itertools.combinations(colors, 2)) > 0.25
+    assert dist(colors["sam"], colors["esam"]) > 0.8  # the paper's two: blue and red, not two blues
+    assert method_color("not_registered") == method_color("not_registered")  # a stable spare
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """The figures the plot functions make, kept open (they close them after saving)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kept: list = []
+    monkeypatch.setattr(plt, "close", lambda fig=None: kept.append(fig))
+    return kept
+
+
+def labelled_colours(fig) -> list[tuple[int, str, str]]:
+    """(panel, label, colour as hex) of every labelled point set and line in a figure."""
+    from matplotlib.colors import to_hex
+
+    out = []
+    for i, ax in enumerate(fig.axes):
+        for c in ax.containers:
+            if hasattr(c, "lines") and not c.get_label().startswith("_"):
+                out.append((i, c.get_label(), to_hex(c.lines[0].get_color())))
+        out += [(i, line.get_label(), to_hex(line.get_color())) for line in ax.lines
+                if not line.get_label().startswith("_") and line.get_label() != "Pareto front"]
+    return out
+
+
+def test_a_method_has_the_same_colour_in_every_panel_and_figure(tmp_path, figures):
+    from esam.report.colors import method_color
+    from esam.report.plots import plot_acc_vs_throughput, plot_curves, plot_pareto
+
+    panels = {"digits": ("sgd", "esam"), "synthetic": ("sam", "looksam", "esam")}  # ESAM meets other methods
+    for dataset, methods in panels.items():
+        for method in methods:
+            for seed in (0, 1):
+                s = summary(dataset, "m", "sgd", seed, 99.0 + seed, 99.5 + 0.4 * seed, 100.0, compute_used=2.0,
+                            wall_time_s=3.0)
+                s.update(optimizer=method, method=method)
+                write_run(tmp_path / dataset / f"{method}{seed}", s, accs=[90.0, 99.0 + seed])
+    runs, curves = load_runs([tmp_path])
+    cells = cell_table(runs)
+    plot_acc_vs_throughput(cells, tmp_path / "a.png")
+    plot_curves(curves, tmp_path / "c.png")
+    plot_pareto(cells, tmp_path / "p.png")
+    assert len(figures) == 3
+    seen: dict[str, set[str]] = {}
+    for fig in figures:
+        found = labelled_colours(fig)
+        assert len(found) >= 5, found
+        for _, label, colour in found:
+            seen.setdefault(label.split(" ")[0].lower(), set()).add(colour)
+        for ax in fig.axes:
+            if "accuracy" in ax.get_ylabel():
+                assert ax.get_ylim()[1] <= 100.0  # 99.9 ± 0.57 would stretch it past 100
+    assert seen == {m: {method_color(m)} for m in ("sgd", "sam", "esam", "looksam")}
+
+
+def test_the_bench_bars_use_the_methods_report_colours(tmp_path, figures):
+    from matplotlib.colors import to_hex
+
+    from esam.bench.plots import plot_bars
+    from esam.report.colors import method_color
+
+    df = pd.DataFrame({"method": ["sgd", "sam", "esam_b04", "looksam"], "optimizer": ["sgd", "sam", "esam", "looksam"],
+                       "extra_pct": [0.0, 100.0, 60.0, 20.0], "extra_pct_paired_q25": [0.0, 95.0, 55.0, 15.0],
+                       "extra_pct_paired_q75": [0.0, 105.0, 65.0, 25.0], "extra_flops_pct": [0.0, 100.0, 55.0, 20.0],
+                       "cost_model_extra_pct": [0.0, 100.0, 50.0, 20.0]})
+    plot_bars(df, "sgd", "bench", tmp_path / "b.png")
+    ax = figures[0].axes[0]
+    from matplotlib.container import BarContainer
+
+    measured = next(c for c in ax.containers if isinstance(c, BarContainer))  # one bar per method but the baseline
+    assert [to_hex(bar.get_facecolor()) for bar in measured.patches] == [method_color(m) for m in ("sam", "esam", "looksam")]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["sam", "esam_b04", "looksam"]
