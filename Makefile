@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-demo: install ## SGD vs SAM vs ESAM on the embedded digits set (CPU, minutes), side-by-side table; METHODS=sgd,sam,looksam,...
+demo: install ## SGD vs SAM vs ESAM on the embedded digits set (CPU, minutes), side-by-side table; METHODS=sam,looksam,... (SGD always runs: the baseline), ARGS=settings
 	$(PYTHON) -m esam.demo $(if $(METHODS),--methods=$(METHODS),) $(ARGS)
 
 test: install ## The whole test suite, slow tests included (what CI runs)
