@@ -15,6 +15,7 @@ import pytest
 
 from esam.errors import UserError
 from esam.loggers import wandb_key
+from esam.report import main as report_main
 from esam.report import (PAPER, cell_table, curves_from_wandb, cells_markdown, equal_compute_markdown, equal_compute_table, load_runs,
                          load_wandb, pareto_front, push_extra_vs_sgd, row_from_wandb, runs_frame,
                          select_runs, write_report)
@@ -478,7 +479,7 @@ def no_wandb_login_env(tmp_path: Path) -> dict[str, str]:
             "WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_ERROR_REPORTING": "false"}
 
 
-def test_wandb_project_without_a_login_is_one_sentence(tmp_path):
+def test_wandb_project_without_a_login_is_one_sentence(tmp_path, capsys):
     proc = subprocess.run([sys.executable, "-m", "esam.report", "--wandb", "ent/proj"], cwd=REPO,
                           env=no_wandb_login_env(tmp_path), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "UsageError" not in proc.stderr
@@ -489,8 +490,10 @@ def test_wandb_project_without_a_login_is_one_sentence(tmp_path):
     for args, says in ((["--wandb", "nofolder"], "--wandb nofolder: give ENTITY/PROJECT, or a folder of local wandb runs"),
                        (["--wandb", str(tmp_path), "--push"], "--push writes into runs on the wandb server"),
                        (["--wandb", str(tmp_path / "home")], "no wandb runs (run-*.wandb) below")):
-        proc = run_cli(args, module="esam.report")
-        assert proc.returncode == 2 and proc.stderr.startswith("error: " + says) and "Traceback" not in proc.stderr
+        with pytest.raises(SystemExit) as exit_:
+            report_main(args)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.startswith("error: " + says) and len(err.strip().splitlines()) == 1
 
 
 # -- one colour per method (issue 18 item 8) ----------------------------------------------------
