@@ -67,7 +67,8 @@ def test_an_epoch_or_run_inside_the_timing_warmup_says_why_it_has_no_img_per_s()
 
 def test_summary_has_the_hyperparameters_only_in_its_config(tmp_path):
     """No legacy top-level rho/beta/gamma: the resolved config says every setting once."""
-    cfg = OmegaConf.create({"name": "r", "experiment_name": "e", "seed": 0, "dataset": {"name": "digits", "batch_size": 8},
+    cfg = OmegaConf.create({"name": "r", "experiment_name": "e", "seed": 0,
+                            "dataset": {"name": "digits", "batch_size": 8},
                             "model": {"label": "m", "channels_last": False},
                             "optimizer": {"name": "esam", "label": "esam", "rho": 0.05, "beta": 0.6, "gamma": 0.5}})
     run = SimpleNamespace(cfg=cfg, budget=None, num_params=10, device=torch.device("cpu"), precision="fp32",

@@ -268,6 +268,7 @@ def test_a_training_run_without_a_wandb_login_completes_and_writes_its_folder(tm
     pd.testing.assert_frame_equal(wandb_runs[same], folder_runs[same])
     assert wandb_curves.test_acc.tolist() == folder_curves.test_acc.tolist() == [e["test_acc"] for e in epochs]
     proc = subprocess.run([sys.executable, "-m", "esam.report", "--wandb", str(tmp_path), "--out", str(tmp_path / "t"),
-                           "--no-plots"], cwd=REPO, capture_output=True, text=True, timeout=300, env=isolated_env(tmp_path))
+                           "--no-plots"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env=isolated_env(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| default | digits | resnet_digits |" in (tmp_path / "t" / "table.md").read_text()

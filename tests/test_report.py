@@ -487,7 +487,7 @@ def test_wandb_project_without_a_login_is_one_sentence(tmp_path, capsys):
         "error: wandb has no API key here, so --wandb ent/proj cannot read the server: run `wandb login` (or set "
         "WANDB_API_KEY), or report the run folders themselves (python -m esam.report outputs multirun), or the wandb "
         "runs logged offline with --wandb FOLDER (e.g. --wandb outputs)"]
-    for args, says in ((["--wandb", "nofolder"], "--wandb nofolder: give ENTITY/PROJECT, or a folder of local wandb runs"),
+    for args, says in ((["--wandb", "nofolder"], "--wandb nofolder: give ENTITY/PROJECT, or a folder of local wandb"),
                        (["--wandb", str(tmp_path), "--push"], "--push writes into runs on the wandb server"),
                        (["--wandb", str(tmp_path / "home")], "no wandb runs (run-*.wandb) below")):
         with pytest.raises(SystemExit) as exit_:
@@ -585,5 +585,6 @@ def test_the_bench_bars_use_the_methods_report_colours(tmp_path, figures):
     from matplotlib.container import BarContainer
 
     measured = next(c for c in ax.containers if isinstance(c, BarContainer))  # one bar per method but the baseline
-    assert [to_hex(bar.get_facecolor()) for bar in measured.patches] == [method_color(m) for m in ("sam", "esam", "looksam")]
+    faces = [to_hex(bar.get_facecolor()) for bar in measured.patches]
+    assert faces == [method_color(m) for m in ("sam", "esam", "looksam")]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["sam", "esam_b04", "looksam"]

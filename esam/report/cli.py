@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> None:
                                      epilog=report.__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="*", help="run folders, multirun folders or summary.json files")
-    parser.add_argument("--out", default=DEFAULT_OUT, help=f"folder for table.md/csv and plots (default: {DEFAULT_OUT})")
+    parser.add_argument("--out", default=DEFAULT_OUT,
+                        help=f"folder for table.md/csv and plots (default: {DEFAULT_OUT})")
     parser.add_argument("--wandb", metavar="ENTITY/PROJECT|FOLDER",
                         help="also read finished runs from the wandb server (needs `wandb login`), or the local "
                              "wandb runs below FOLDER (offline-run-*, e.g. outputs; no login needed)")
