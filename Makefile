@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-demo: install ## SGD vs SAM vs ESAM on the embedded digits set (CPU, minutes), side-by-side table; METHODS=sgd,sam,looksam,...
+demo: install ## SGD vs SAM vs ESAM on the embedded digits set (CPU, minutes), side-by-side table; METHODS=sam,looksam,... (SGD always runs: the baseline), ARGS=settings
 	$(PYTHON) -m esam.demo $(if $(METHODS),--methods=$(METHODS),) $(ARGS)
 
 test: install ## The whole test suite, slow tests included (what CI runs)
@@ -47,7 +47,7 @@ models: install ## Parameter counts and FLOPs of every model into results/models
 MODEL ?=
 SEEDS ?= 0
 RUNS ?= $(wildcard outputs multirun)
-OUT ?= results/table
+OUT ?= outputs/table
 comma := ,
 MULTIRUN = $(if $(findstring $(comma),$(SEEDS)),-m,)
 STAMP_NOW := $(shell date +%Y-%m-%d_%H-%M-%S)
@@ -72,7 +72,7 @@ sweep-digits: install ## SGD/SAM/ESAM x seeds 0,1,2 on digits, CPU, a few minute
 sweep-ablation: install ## ESAM beta x gamma grid on CIFAR-10 ResNet-18 (conf/sweep/esam_ablation.yaml)
 	$(PYTHON) -m esam.train -m +sweep=esam_ablation $(ARGS)
 
-table: install ## Report of every run below RUNS (default: outputs multirun) into OUT (default: results/table); one row per configuration, a repeated seed counts once
+table: install ## Report of every run below RUNS (default: outputs multirun) into OUT (default: outputs/table; results/ only when asked); one row per configuration, a repeated seed counts once
 	$(PYTHON) -m esam.report $(RUNS) --out $(OUT)
 
 reproduce-digits: install ## The CPU reproduction in results/digits: digits sweep, then its report

@@ -15,7 +15,11 @@ from typing import Any
 
 from esam.errors import UserError
 
-PREFIXES = ("train", "test", "perf", "sam", "time", "compute")
+# A method's own statistics (``optimizer.last_stats``, e.g. ESAM's sharpness, LookSAM's sam_step)
+# live in one namespace whatever the method: metrics.jsonl ``method_<stat>``, wandb ``method/<stat>``,
+# so one wandb panel shows a statistic for every method of a group.
+METHOD_STATS = "method"
+PREFIXES = ("train", "test", "perf", METHOD_STATS, "time", "compute")
 # Keys without a prefix of their own; esam.report and the dashboard read these names.
 RENAMED = {"img_per_s": "perf/img_per_s", "step_ms": "perf/step_ms", "wall_time_s": "perf/wall_time_s",
            "budget": "compute/budget"}
@@ -33,6 +37,11 @@ COMPUTE_SUMMARY_KEYS = (COMPUTE_USED, COMPUTE_EXTRA_PCT, WALL_TIME, ACC_FINAL, A
 # Seconds wandb.init may take to reach the server before the run goes offline (wandb's own
 # default is 90 s, and a machine without network retries for minutes).
 DEFAULT_INIT_TIMEOUT_S = 30.0
+
+
+def stat_key(stat: str) -> str:
+    """The metrics.jsonl key of a method statistic: ``sharpness`` -> ``method_sharpness``."""
+    return f"{METHOD_STATS}_{stat}"
 
 
 def wandb_key(key: str) -> str:

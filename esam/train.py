@@ -138,8 +138,10 @@ def main(cfg: DictConfig) -> float | None:
             remove_if_unused(run_dir)
         sys.exit(2)
     if int(os.environ.get("RANK", "0")) == 0:  # one line per run, not one per DDP rank
+        from esam.engine.run_files import throughput
+
         log.info(f"done: test acc {summary['test_acc_final']:.2f}% (best {summary['test_acc_best']:.2f}%), "
-                 f"{summary['img_per_s'] or float('nan'):.0f} train img/s, run folder {run_dir}")
+                 f"{throughput(summary['img_per_s'], 'train img/s')}, run folder {run_dir}")
     return summary["test_acc_best"]  # for Hydra sweepers that optimise a value
 
 

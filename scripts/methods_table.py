@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from esam.loggers import stat_key
 from esam.optim import METHODS
 
 
@@ -22,7 +23,7 @@ def methods_markdown() -> str:
     for name in sorted(METHODS, key=lambda n: (n != "sgd", METHODS[n].relative_cost(), n)):
         info = METHODS[name]
         hp = ", ".join(f"{k}={v}" for k, v in info.hparams.items()) or "-"
-        stats = ", ".join(f"`sam_{k}`" for k in info.stats) or "-"
+        stats = ", ".join(f"`{stat_key(k)}`" for k in info.stats) or "-"
         lines.append(f"| `{name}` | `{info.cls.__name__}` | {info.expected_cost():.2f} | "
                      f"{info.relative_cost():.2f}x | {hp} | {stats} | {info.paper} |")
     lines += ["", "What each step does, in one line:", ""]

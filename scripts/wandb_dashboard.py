@@ -6,7 +6,7 @@
 
 Runs are grouped by method (config optimizer.name), so every panel shows each method as mean ±
 std over seeds. Panels read the names esam.loggers writes (its constants, not copies): per epoch
-test/acc, train/loss, sam/sharpness; per run test/acc_final, test/acc_best, perf/img_per_s,
+test/acc, train/loss, method/sharpness (every method's statistics are method/<stat>); per run test/acc_final, test/acc_best, perf/img_per_s,
 compute/used (SGD-epoch equivalents), compute/extra_vs_sgd_pct (cost units vs SGD),
 perf/wall_time_s, and perf/extra_vs_sgd_pct (measured time vs SGD, from the report's --push).
 The "Accuracy vs compute" section puts a group's runs (e.g. +sweep=equal_compute) on one axis.
@@ -18,14 +18,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from esam.loggers import ACC_BEST, ACC_FINAL, COMPUTE_EXTRA_PCT, COMPUTE_USED, WALL_TIME, wandb_key
+from esam.loggers import ACC_BEST, ACC_FINAL, COMPUTE_EXTRA_PCT, COMPUTE_USED, WALL_TIME, stat_key, wandb_key
 
 MEASURED_EXTRA = "perf/extra_vs_sgd_pct"  # written by `python -m esam.report --push`
 
 
 def panel_spec() -> list[tuple[str, list[dict[str, Any]]]]:
     """(section, panels) with each panel's kind, title and the metric names it reads."""
-    acc, loss, img_s, sharpness = (wandb_key(k) for k in ("test_acc", "train_loss", "img_per_s", "sam_sharpness"))
+    acc, loss, img_s, sharpness = (wandb_key(k) for k in ("test_acc", "train_loss", "img_per_s", stat_key("sharpness")))
     return [
         ("Accuracy vs compute", [
             {"kind": "scatter", "title": "final test accuracy vs compute used (SGD-epoch equivalents)",

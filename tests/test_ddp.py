@@ -110,7 +110,7 @@ def test_esam_repeats_across_processes(tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs.append(metrics(tmp_path / f"salt{salt}"))
     assert runs[0][-1]["train_loss"] == runs[1][-1]["train_loss"]
-    assert runs[0][-1]["sam_sharpness"] == runs[1][-1]["sam_sharpness"]
+    assert runs[0][-1]["method_sharpness"] == runs[1][-1]["method_sharpness"]
 
 
 def test_esam_budget_ends_on_the_same_step_on_every_rank(tmp_path):

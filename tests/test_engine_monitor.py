@@ -82,3 +82,25 @@ def test_watch_keeps_the_first_non_finite_step():
     w.observe(torch.tensor(float("inf"), dtype=torch.float64), 3)
     w.observe(torch.tensor(float("nan"), dtype=torch.float64), 5)
     assert w.first_bad_step() == 3
+
+
+class _Dist:
+    world_size = 1
+
+
+class _Run:
+    device, dist = CPU, _Dist()
+
+
+def test_epoch_record_puts_method_stats_in_the_method_namespace():
+    """A method's statistics are method_<stat> whatever the method (LookSAM's sam_step is
+    method_sam_step, not sam_sam_step), averaged over the epoch's steps."""
+    acc = EpochAccumulator.zeros(CPU)
+    for sharpness, sam_step in ((0.25, 1.0), (0.75, 0.0)):
+        acc.add_step(torch.tensor([1.0, 3.0]), torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0]),
+                     {"sharpness": torch.tensor(sharpness), "sam_step": sam_step})
+    record = monitor.epoch_record(acc, 2.0, _Run(), epoch=3, compute_used=1.5, wall_time_before=4.0)
+    assert record["method_sharpness"] == 0.5 and record["method_sam_step"] == 0.5
+    assert not [k for k in record if k.startswith("sam_")]
+    assert (record["epoch"], record["train_loss"], record["train_acc"], record["wall_time_s"]) == (3, 2.0, 50.0, 6.0)
+    assert record["train_img_per_s"] is None  # nothing timed

@@ -99,7 +99,7 @@ def test_a_non_finite_loss_stops_within_check_every_steps(tmp_path, check_every,
 
 
 def test_the_trainer_logs_whatever_stats_the_method_reports(tmp_path):
-    """No method names in the trainer: a statistic the optimizer reports appears as sam_<key>."""
+    """No method names in the trainer: a statistic the optimizer reports appears as method_<key>."""
     trainer = Trainer(compose_cfg([*TINY, "trainer.epochs=1"]), tmp_path)
     step = trainer.optimizer.step
 
@@ -111,7 +111,8 @@ def test_the_trainer_logs_whatever_stats_the_method_reports(tmp_path):
     trainer.optimizer.step = with_stats
     quiet_fit(trainer)
     record = json.loads((tmp_path / "metrics.jsonl").read_text())
-    assert record["sam_made_up"] == 2.0 and record["sam_host_value"] == 0.5
+    assert record["method_made_up"] == 2.0 and record["method_host_value"] == 0.5
+    assert not any(k.startswith("sam_") for k in record)
 
 
 def _method_options() -> list[str]:

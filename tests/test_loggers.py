@@ -14,55 +14,23 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 import esam.loggers as loggers
+from esam.report.wandb_offline import read_wandb_file
 from esam.loggers import (ACC_FINAL, COMPUTE_EXTRA_PCT, COMPUTE_SUMMARY_KEYS, COMPUTE_USED, WALL_TIME, WandbLogger,
-                          compute_extra_pct, summary_key, wandb_key)
+                          compute_extra_pct, stat_key, summary_key, wandb_key)
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-# -- reading what wandb wrote -------------------------------------------------------------------
-def wandb_records(path: Path) -> list:
-    """The records of a .wandb file, decoded with wandb's own protobuf schema. The file is a
-    LevelDB-style log: a 7-byte header (':W&B', magic, version), then 32 KiB blocks of chunks,
-    each with a 7-byte header (crc32c, length, type FULL=1 FIRST=2 MIDDLE=3 LAST=4)."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data = path.read_bytes()
-    assert data[:4] == b":W&B"
-    pos, block, parts, records = 7, 32768, b"", []
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:  # a block's tail too short for a header is zero padding
-            pos += block - pos % block
-            continue
-        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
-        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
-        if kind == 0:
-            continue
-        parts = chunk if kind in (1, 2) else parts + chunk
-        if kind in (1, 4):
-            records.append(pb.Record.FromString(parts))
-    return records
-
-
+# -- reading what wandb wrote (esam.report.wandb_offline decodes the .wandb file) -------------------
 def read_offline_run(run_dir: Path) -> dict:
-    """{summary, history, config, group} of the one offline run below ``run_dir``/wandb."""
+    """{summary, history, config, group, ...} of the one offline run below ``run_dir``/wandb."""
     files = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 1, files
-    out: dict = {"summary": {}, "history": [], "config": {}, "group": None}
-    for r in wandb_records(files[0]):
-        kind = r.WhichOneof("record_type")
-        if kind == "summary":
-            for item in r.summary.update:
-                out["summary"][item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
-        elif kind == "history":
-            out["history"].append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item})
-        elif kind == "run":
-            out["group"] = r.run.run_group
-            out["config"].update({i.key: json.loads(i.value_json) for i in r.run.config.update})
-    return out
+    return read_wandb_file(files[0])
 
 
 def isolated_env(tmp_path: Path) -> dict[str, str]:
@@ -237,6 +205,13 @@ def test_compute_overhead_vs_sgd_from_the_summary():
     assert math.isnan(compute_extra_pct({"test_acc_final": 90.0, "epochs": 10}))  # older summaries
 
 
+def test_method_statistics_have_one_namespace_in_files_and_wandb():
+    """ESAM's sharpness and LookSAM's sam_step: method_<stat> in metrics.jsonl, method/<stat> in wandb."""
+    assert stat_key("sharpness") == "method_sharpness" and wandb_key(stat_key("sharpness")) == "method/sharpness"
+    assert wandb_key(stat_key("sam_step")) == "method/sam_step" and summary_key("method/sam_step") == "method_sam_step"
+    assert wandb_key("method") == "method" and summary_key("method") == "method"  # the summary's method name
+
+
 def test_summary_keys_round_trip():
     for ours in ("test_acc_final", "test_acc_best", "compute_used", "wall_time_s", "img_per_s", "budget"):
         assert summary_key(wandb_key(ours)) == ours
@@ -256,7 +231,7 @@ def test_dashboard_panels_plot_the_keys_runs_log():
     panels = [p for _, ps in dash.panel_spec() for p in ps]
     used = {k for p in panels for k in [*p.get("y", []), *p.get("metrics", []), p.get("x")] if k}
     written = {wandb_key(k) for k in ("test_acc", "test_acc_best", "test_acc_final", "train_loss", "img_per_s",
-                                      "sam_sharpness", "compute_used", "wall_time_s")}
+                                      "method_sharpness", "compute_used", "wall_time_s")}
     written |= {"epoch", COMPUTE_EXTRA_PCT, "perf/extra_vs_sgd_pct"}
     assert used <= written, used - written
     scatter = {(p["x"], p["y"][0]) for p in panels if p["kind"] == "scatter"}
@@ -279,4 +254,21 @@ def test_a_training_run_without_a_wandb_login_completes_and_writes_its_folder(tm
     summary = json.loads((run_dir / "summary.json").read_text())
     epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(epochs) == summary["epochs"] >= 1
-    assert read_offline_run(run_dir)["summary"][ACC_FINAL] == summary["test_acc_final"]
+    offline = read_offline_run(run_dir)
+    assert offline["summary"][ACC_FINAL] == summary["test_acc_final"] and offline["exit_code"] == 0
+
+    # The report reads that offline run (no login) as the same row as the run folder's summary.json.
+    from esam.report import load_runs, load_wandb
+
+    folder_runs, folder_curves = load_runs([run_dir])
+    wandb_runs, wandb_curves, kept = load_wandb(str(run_dir / "wandb"))
+    assert len(kept) == 1 and kept[0].source.startswith(str(run_dir / "wandb" / "offline-run-"))
+    same = ["experiment", "dataset", "data", "model", "hardware", "optimizer", "hparams", "batch_size", "epochs",
+            "method", "seed", "test_acc_best", "test_acc_final", "img_per_s", "compute_used", "wall_time_s", "rho"]
+    pd.testing.assert_frame_equal(wandb_runs[same], folder_runs[same])
+    assert wandb_curves.test_acc.tolist() == folder_curves.test_acc.tolist() == [e["test_acc"] for e in epochs]
+    proc = subprocess.run([sys.executable, "-m", "esam.report", "--wandb", str(tmp_path), "--out", str(tmp_path / "t"),
+                           "--no-plots"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env=isolated_env(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| default | digits | resnet_digits |" in (tmp_path / "t" / "table.md").read_text()

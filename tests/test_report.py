@@ -6,6 +6,8 @@ import json
 import os
 import math
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -13,11 +15,12 @@ import pytest
 
 from esam.errors import UserError
 from esam.loggers import wandb_key
+from esam.report import main as report_main
 from esam.report import (PAPER, cell_table, curves_from_wandb, cells_markdown, equal_compute_markdown, equal_compute_table, load_runs,
                          load_wandb, pareto_front, push_extra_vs_sgd, row_from_wandb, runs_frame,
                          select_runs, write_report)
 from esam.train import run
-from conftest import FAST, compose_cfg, run_cli
+from conftest import FAST, REPO, compose_cfg, run_cli
 
 GPU = {"device": "cuda", "device_name": "NVIDIA A100", "world_size": 1, "precision": "bf16", "num_threads": 8}
 
@@ -27,7 +30,7 @@ def summary(dataset: str, model: str, optimizer: str, seed: int, best: float, fi
     hyper = {"sgd": {}, "sam": {"rho": 0.05}, "esam": {"rho": 0.05, "beta": 0.6, "gamma": 0.5}}[optimizer]
     return {"status": "completed", "dataset": dataset, "model": model, "optimizer": optimizer, "seed": seed,
             "epochs": 200, "batch_size": 128, "test_acc_best": best, "test_acc_final": final, "img_per_s": img_s,
-            "rho": None, "beta": None, "gamma": None, "experiment": f"{dataset}_{model}", **GPU, **hyper, **extra}
+            "experiment": f"{dataset}_{model}", **GPU, "config": {"optimizer": {"name": optimizer, **hyper}}, **extra}
 
 
 def write_run(folder: Path, s: dict, accs: list[float] | None = None) -> None:
@@ -100,10 +103,22 @@ def test_hand_written_summaries_give_exact_table(hand_written, tmp_path):
 def test_seeds_of_different_settings_are_not_pooled(tmp_path):
     for seed, beta in ((0, 0.6), (1, 0.6), (2, 0.8)):
         s = summary("digits", "resnet_digits", "esam", seed, 90.0 + seed, 90.0, 100.0)
-        s["beta"] = beta
+        s["config"]["optimizer"]["beta"] = beta
         write_run(tmp_path / f"r{seed}", s)
     t = cell_table(load_runs([tmp_path])[0])
     assert sorted(zip(t.beta, t.n)) == [(0.6, 2), (0.8, 1)]
+
+
+def test_hyperparameters_come_from_the_config_not_legacy_top_level_keys(tmp_path):
+    """summary.json's old top-level rho/beta/gamma are not read: the resolved config is the one source."""
+    s = summary("digits", "resnet_digits", "esam", 0, 90.0, 90.0, 100.0, rho=0.5, beta=0.9, gamma=0.9)
+    write_run(tmp_path / "r", s)
+    row = load_runs([tmp_path])[0].iloc[0]
+    assert (row.rho, row.beta, row.gamma, row.hparams) == (0.05, 0.6, 0.5, "beta=0.6 gamma=0.5 rho=0.05")
+    del s["config"]  # a summary from before configs were saved: still read, without settings
+    write_run(tmp_path / "old", s)
+    old = load_runs([tmp_path / "old"])[0].iloc[0]
+    assert old.hparams == "" and math.isnan(old.rho) and old.test_acc_best == 90.0
 
 
 def test_multirun_of_two_methods_and_two_seeds(tmp_path):
@@ -172,7 +187,7 @@ def logged_run(run_id: str, optimizer: str, seed: int, acc: float, img_s: float)
     config = {"seed": seed, "experiment_name": "cifar10_resnet18",
               "dataset": {"name": "cifar10", "batch_size": 128},
               "model": {"name": "resnet18"}, "trainer": {"epochs": 200},
-              "optimizer": {"name": optimizer, **{k: s[k] for k in ("rho", "beta", "gamma") if s[k] is not None}}}
+              "optimizer": s["config"]["optimizer"]}
     history = [{"epoch": 1, "test/acc": acc - 5, "train/loss": 1.0, "_step": 0},
                {"epoch": 2, "test/acc": acc, "train/loss": 0.5, "_step": 1}]
     return FakeRun(run_id, wb_summary, config, history)
@@ -261,12 +276,13 @@ def digits_run(experiment: str, optimizer: str, seed: int, acc: float, *, lr: fl
     s = summary("digits", "resnet_digits", optimizer, seed, acc, acc, 1000.0, device="cpu",
                 device_name="AMD EPYC 7B13", precision="fp32", num_threads=1, experiment=experiment, epochs=30,
                 **extra)
+    hyper = {k: v for k, v in s["config"]["optimizer"].items() if k != "name"}
     s["config"] = {"experiment_name": experiment, "seed": seed,
                    "dataset": {"name": "digits", "root": "data", "batch_size": 128, "test_size": 0.2,
                                "label_noise": noise},
                    "optimizer": {"name": optimizer, "label": optimizer, "lr": lr, "weight_decay": 1e-3,
                                  "base": {"name": "sgd", "momentum": 0.9},
-                                 **{k: s[k] for k in ("rho", "beta", "gamma") if s[k] is not None}},
+                                 **hyper},
                    "trainer": {"epochs": 30, "budget": extra.get("budget")}}
     if finished is not None:
         s["finished_at"] = finished
@@ -421,3 +437,154 @@ def test_equal_compute_sweep_end_to_end(tmp_path):
     md = (out / "table.md").read_text().split("## At equal compute")[1]
     assert "| equal_compute | digits | resnet_digits |" in md
     assert "| 1 | SGD |" in md and "| 1 | SAM |" in md and (out / "pareto.png").is_file()
+
+
+# -- the command line and what the report says (issue 18 items 7, 9) ---------------------------
+def test_title_names_the_methods_of_the_report(tmp_path):
+    for i, method in enumerate(("looksam", "msam")):
+        s = summary("digits", "m", "sgd", 0, 90.0, 90.0, 100.0)
+        s.update(optimizer=method, method=method)
+        write_run(tmp_path / f"r{i}", s)
+    runs, curves = load_runs([tmp_path])
+    md = write_report(runs, curves, tmp_path / "out", plots=False)["md"].read_text()
+    assert md.startswith("# LOOKSAM vs MSAM\n") and "SGD vs SAM vs ESAM" not in md
+
+
+def test_without_out_the_report_goes_to_outputs_not_the_committed_results(tmp_path):
+    write_run(tmp_path / "runs" / "a", summary("digits", "m", "sgd", 0, 90.0, 90.0, 100.0))
+    proc = run_cli(["runs", "--no-plots"], cwd=tmp_path, module="esam.report")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "outputs" / "table" / "table.md").is_file() and not (tmp_path / "results").exists()
+    make = subprocess.run(["make", "-n", "--no-print-directory", "-o", "install", "table"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert make.returncode == 0, make.stderr
+    line = next(x for x in make.stdout.splitlines() if "-m esam.report" in x)
+    assert line.endswith("--out outputs/table"), line
+
+
+def test_runs_inside_the_timing_warmup_say_why_there_is_no_throughput(tmp_path):
+    write_run(tmp_path / "a", summary("digits", "m", "sgd", 0, 90.0, 90.0, None))
+    runs, curves = load_runs([tmp_path])
+    md = write_report(runs, curves, tmp_path / "out", plots=False)["md"].read_text()
+    assert "nan" not in md.lower()
+    assert "| 90.00 | 90.00 | – |" in md and "every step of those runs fell inside the timing warm-up" in md
+
+
+def no_wandb_login_env(tmp_path: Path) -> dict[str, str]:
+    """No wandb account or settings, and a server address nothing answers on."""
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "NETRC": str(home / ".netrc"),
+            "WANDB_CONFIG_DIR": str(home / "wandb_config"), "WANDB_CACHE_DIR": str(home / "wandb_cache"),
+            "WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_ERROR_REPORTING": "false"}
+
+
+def test_wandb_project_without_a_login_is_one_sentence(tmp_path, capsys):
+    proc = subprocess.run([sys.executable, "-m", "esam.report", "--wandb", "ent/proj"], cwd=REPO,
+                          env=no_wandb_login_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "UsageError" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "error: wandb has no API key here, so --wandb ent/proj cannot read the server: run `wandb login` (or set "
+        "WANDB_API_KEY), or report the run folders themselves (python -m esam.report outputs multirun), or the wandb "
+        "runs logged offline with --wandb FOLDER (e.g. --wandb outputs)"]
+    for args, says in ((["--wandb", "nofolder"], "--wandb nofolder: give ENTITY/PROJECT, or a folder of local wandb"),
+                       (["--wandb", str(tmp_path), "--push"], "--push writes into runs on the wandb server"),
+                       (["--wandb", str(tmp_path / "home")], "no wandb runs (run-*.wandb) below")):
+        with pytest.raises(SystemExit) as exit_:
+            report_main(args)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.startswith("error: " + says) and len(err.strip().splitlines()) == 1
+
+
+# -- one colour per method (issue 18 item 8) ----------------------------------------------------
+def test_every_registered_method_has_its_own_colour_far_from_the_others():
+    import itertools
+
+    from matplotlib.colors import to_rgb
+
+    from esam.optim import METHODS
+    from esam.report.colors import method_color, method_colors
+
+    colors = method_colors()
+    assert set(colors) == set(METHODS)
+    dist = lambda a, b: math.dist(to_rgb(a), to_rgb(b))  # noqa: E731
+    assert min(dist(colors[a], colors[b]) for a, b in itertools.combinations(colors, 2)) > 0.25
+    assert dist(colors["sam"], colors["esam"]) > 0.8  # the paper's two: blue and red, not two blues
+    assert method_color("not_registered") == method_color("not_registered")  # a stable spare
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """The figures the plot functions make, kept open (they close them after saving)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kept: list = []
+    monkeypatch.setattr(plt, "close", lambda fig=None: kept.append(fig))
+    return kept
+
+
+def labelled_colours(fig) -> list[tuple[int, str, str]]:
+    """(panel, label, colour as hex) of every labelled point set and line in a figure."""
+    from matplotlib.colors import to_hex
+
+    out = []
+    for i, ax in enumerate(fig.axes):
+        for c in ax.containers:
+            if hasattr(c, "lines") and not c.get_label().startswith("_"):
+                out.append((i, c.get_label(), to_hex(c.lines[0].get_color())))
+        out += [(i, line.get_label(), to_hex(line.get_color())) for line in ax.lines
+                if not line.get_label().startswith("_") and line.get_label() != "Pareto front"]
+    return out
+
+
+def test_a_method_has_the_same_colour_in_every_panel_and_figure(tmp_path, figures):
+    from esam.report.colors import method_color
+    from esam.report.plots import plot_acc_vs_throughput, plot_curves, plot_pareto
+
+    panels = {"digits": ("sgd", "esam"), "synthetic": ("sam", "looksam", "esam")}  # ESAM meets other methods
+    for dataset, methods in panels.items():
+        for method in methods:
+            for seed in (0, 1):
+                s = summary(dataset, "m", "sgd", seed, 99.0 + seed, 99.5 + 0.4 * seed, 100.0, compute_used=2.0,
+                            wall_time_s=3.0)
+                s.update(optimizer=method, method=method)
+                write_run(tmp_path / dataset / f"{method}{seed}", s, accs=[90.0, 99.0 + seed])
+    runs, curves = load_runs([tmp_path])
+    cells = cell_table(runs)
+    plot_acc_vs_throughput(cells, tmp_path / "a.png")
+    plot_curves(curves, tmp_path / "c.png")
+    plot_pareto(cells, tmp_path / "p.png")
+    assert len(figures) == 3
+    seen: dict[str, set[str]] = {}
+    for fig in figures:
+        found = labelled_colours(fig)
+        assert len(found) >= 5, found
+        for _, label, colour in found:
+            seen.setdefault(label.split(" ")[0].lower(), set()).add(colour)
+        for ax in fig.axes:
+            if "accuracy" in ax.get_ylabel():
+                assert ax.get_ylim()[1] <= 100.0  # 99.9 ± 0.57 would stretch it past 100
+    assert seen == {m: {method_color(m)} for m in ("sgd", "sam", "esam", "looksam")}
+
+
+def test_the_bench_bars_use_the_methods_report_colours(tmp_path, figures):
+    from matplotlib.colors import to_hex
+
+    from esam.bench.plots import plot_bars
+    from esam.report.colors import method_color
+
+    df = pd.DataFrame({"method": ["sgd", "sam", "esam_b04", "looksam"], "optimizer": ["sgd", "sam", "esam", "looksam"],
+                       "extra_pct": [0.0, 100.0, 60.0, 20.0], "extra_pct_paired_q25": [0.0, 95.0, 55.0, 15.0],
+                       "extra_pct_paired_q75": [0.0, 105.0, 65.0, 25.0], "extra_flops_pct": [0.0, 100.0, 55.0, 20.0],
+                       "cost_model_extra_pct": [0.0, 100.0, 50.0, 20.0]})
+    plot_bars(df, "sgd", "bench", tmp_path / "b.png")
+    ax = figures[0].axes[0]
+    from matplotlib.container import BarContainer
+
+    measured = next(c for c in ax.containers if isinstance(c, BarContainer))  # one bar per method but the baseline
+    faces = [to_hex(bar.get_facecolor()) for bar in measured.patches]
+    assert faces == [method_color(m) for m in ("sam", "esam", "looksam")]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["sam", "esam_b04", "looksam"]

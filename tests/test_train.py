@@ -97,9 +97,9 @@ def test_esam_logs_its_selection_and_sharpness(tmp_path):
     _, metrics = _tiny(tmp_path, "optimizer=esam", "optimizer.beta=0.5", "optimizer.gamma=0.5",
                        "trainer.limit_train_batches=6", "dataset.batch_size=64")
     m = metrics[-1]
-    assert m["sam_sample_frac"] == pytest.approx(0.5)
-    assert 0 < m["sam_param_frac"] < 1
-    assert "sam_sharpness" in m
+    assert m["method_sample_frac"] == pytest.approx(0.5)
+    assert 0 < m["method_param_frac"] < 1
+    assert "method_sharpness" in m
 
 
 def test_cli_runs_and_reports_run_folder(tmp_path):

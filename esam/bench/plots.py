@@ -1,4 +1,5 @@
-"""The bench's figures: extra time per method (bars), or the grid's beta x gamma heat maps."""
+"""The bench's figures: extra time per method (bars, in the methods' report colours), or the grid's
+beta x gamma heat maps."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,28 +9,39 @@ import pandas as pd
 
 
 def plot_bars(df: pd.DataFrame, baseline: str, title: str, path: Path) -> None:
-    """Measured, FLOP-counted and cost-model extra % of each method over the baseline."""
+    """Measured, FLOP-counted and cost-model extra % of each method over the baseline: each
+    method's bars in its colour (esam.report.colors, as in the report), the three kinds told apart
+    by fill (solid, hatched, outlined)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    from esam.report.colors import method_color
 
     d = df[df.method != baseline].reset_index(drop=True)
     x = np.arange(len(d))
+    colors = [method_color(m) for m in (d.optimizer if "optimizer" in d else d.method)]
     fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(d), 4))
     # Whiskers: the IQR of the per-repeat (paired) extra %.
     err = np.clip(np.array([d.extra_pct - d.extra_pct_paired_q25, d.extra_pct_paired_q75 - d.extra_pct]), 0, None)
-    bars = [("measured (stat column; IQR over repeats)", d.extra_pct, err), ("FLOP-counted", d.extra_flops_pct, None),
-            ("cost model", d.cost_model_extra_pct, None)]
-    for i, (label, vals, e) in enumerate(bars):
-        rects = ax.bar(x + (i - 1) * 0.27, vals, 0.27, label=label, yerr=e, capsize=3 if e is not None else 0)
+    bars = [("measured (stat column; IQR over repeats)", d.extra_pct, err, dict(alpha=1.0)),
+            ("FLOP-counted", d.extra_flops_pct, None, dict(alpha=0.55, hatch="//")),
+            ("cost model", d.cost_model_extra_pct, None, dict(fill=False, hatch=".."))]
+    for i, (label, vals, e, style) in enumerate(bars):
+        rects = ax.bar(x + (i - 1) * 0.27, vals, 0.27, yerr=e, capsize=3 if e is not None else 0,
+                       color=colors, edgecolor=colors, **style)
         ax.bar_label(rects, fmt="%.0f", fontsize=7, padding=2)
     ax.axhline(100, color="grey", lw=0.6, ls=":")
     ax.axhline(40, color="grey", lw=0.6, ls="--")
     ax.set_xticks(x, d.method)
+    for tick, color in zip(ax.get_xticklabels(), colors):
+        tick.set_color(color)
     ax.set_ylabel(f"extra time vs {baseline} (%)")
     ax.set_ylim(0, 1.3 * max(105.0, float(np.nanmax(d[["extra_pct", "extra_flops_pct"]].values))))
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8, loc="upper center", ncol=3)
+    ax.legend(handles=[Patch(facecolor="0.35", edgecolor="0.35", label=label, **style) for label, _, _, style in bars],
+              fontsize=8, loc="upper center", ncol=3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from esam.loggers import stat_key
+
 
 @dataclass
 class EpochAccumulator:
@@ -155,5 +157,5 @@ def epoch_record(acc: EpochAccumulator, epoch_time: float, run: Any, *, epoch: i
         "wall_time_s": wall_time_before + epoch_time,
     }
     for k, v in acc.stats.items():  # whatever the method reports, averaged over the epoch's steps
-        record[f"sam_{k}"] = float(v) / max(1, acc.steps)
+        record[stat_key(k)] = float(v) / max(1, acc.steps)
     return record

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import platform
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
+from esam.loggers import stat_key
 from esam.runtime import atomic_write_json, atomic_write_text, device_name, git_commit
 
 log = logging.getLogger("esam")
@@ -90,7 +92,6 @@ def summarize(run: Any, history: list[dict[str, Any]], *, train_time_s: float, p
         "wall_time_s": h[-1]["wall_time_s"],
         "train_steps": sum(r["train_steps"] for r in h),
         "batch_size": cfg.dataset.batch_size,
-        "rho": opt_cfg.get("rho"), "beta": opt_cfg.get("beta"), "gamma": opt_cfg.get("gamma"),
         "num_params": run.num_params,
         "device": str(run.device.type),
         "device_name": device_name(run.device),
@@ -108,12 +109,21 @@ def summarize(run: Any, history: list[dict[str, Any]], *, train_time_s: float, p
     }
 
 
+def throughput(img_per_s: float | None, unit: str = "img/s", untimed: str = "run") -> str:
+    """``2012 img/s``, or why there is no number: no step of the ``untimed`` (run, epoch) was timed,
+    all of them fell inside the timing warm-up (``trainer.timing_warmup_steps``)."""
+    if img_per_s is None or (isinstance(img_per_s, float) and math.isnan(img_per_s)):
+        return f"{unit} n/a ({untimed} shorter than the timing warm-up, trainer.timing_warmup_steps)"
+    return f"{img_per_s:.0f} {unit}"
+
+
 def epoch_line(r: dict[str, Any], epochs: int, budget: float | None = None) -> str:
     """The console line of one epoch."""
-    extra = f" sharpness {r['sam_sharpness']:.4f}" if "sam_sharpness" in r else ""
+    sharpness = stat_key("sharpness")
+    extra = f" sharpness {r[sharpness]:.4f}" if sharpness in r else ""
     if budget is not None:
         extra += f"  compute {r['compute_used']:.2f}/{budget:g} SGD epochs"
     return (f"epoch {r['epoch']:>3}/{epochs}  lr {r['lr']:.4f}  "
             f"train loss {r['train_loss']:.4f} acc {r['train_acc']:.2f}  "
             f"test loss {r['test_loss']:.4f} acc {r['test_acc']:.2f} top5 {r['test_acc5']:.2f}  "
-            f"{r['train_img_per_s'] or float('nan'):.0f} img/s  {r['epoch_time_s']:.1f}s{extra}")
+            f"{throughput(r['train_img_per_s'], untimed='epoch')}  {r['epoch_time_s']:.1f}s{extra}")

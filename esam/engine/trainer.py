@@ -1,7 +1,7 @@
 """The one training loop every method shares.
 
 It drives any optimizer through ``optimizer.step(closure)`` and never asks which method it is:
-the method's own statistics come from ``optimizer.last_stats`` (logged as ``sam_<key>``) and
+the method's own statistics come from ``optimizer.last_stats`` (logged as ``method_<key>``, wandb ``method/<key>``) and
 its cost from ``optimizer.last_cost``. Per epoch it appends one line to ``metrics.jsonl``; at
 the end it writes ``summary.json``; every ``checkpoint_every`` epochs and on SIGTERM/SIGUSR1 it
 writes ``checkpoints/last.pt`` (atomically), from which a resumed run continues with the same

@@ -2,8 +2,9 @@
 training throughput, compute relative to SGD, at equal epochs and at equal compute.
 
     python -m esam.report multirun/digits --out results/digits
-    python -m esam.report outputs multirun --out results/table          (make table)
-    python -m esam.report --wandb ENTITY/PROJECT [--group NAME] [--push] --out results/wandb
+    python -m esam.report outputs multirun --out outputs/table          (make table)
+    python -m esam.report --wandb ENTITY/PROJECT [--group NAME] [--push] --out outputs/wandb
+    python -m esam.report --wandb outputs --out outputs/wandb           (wandb runs logged offline)
 
 Every ``summary.json`` below the given folders is one run; ``metrics.jsonl`` beside it gives the
 curves. Runs form one row (a cell) when they differ only in the seed: same experiment, dataset and
@@ -15,9 +16,11 @@ numeric columns per cell), runs.csv (one line per run, ``used`` says whether it 
 acc_vs_throughput.png, curves.png, and pareto.png (accuracy against compute used and wall time).
 
 Rooms: runs (reading, cells, repeated seeds), tables (aggregation, SGD baselines, Markdown),
-plots, wandb_runs (the public API), cli (the files and the command line).
+plots (one colour per method: colors), wandb_runs (the public API), wandb_offline (local .wandb
+files), cli (the files and the command line).
 """
 from esam.report.cli import main, report_markdown, write_report
+from esam.report.colors import method_color, method_colors
 from esam.report.plots import pareto_front, plot_acc_vs_throughput, plot_curves, plot_pareto
 from esam.report.runs import CELL_KEYS, find_summaries, hardware_label, load_runs, run_row, runs_frame, select_runs
 from esam.report.tables import (PAPER, SGDBaseline, cell_table, cells_markdown, equal_compute_markdown,
@@ -26,6 +29,6 @@ from esam.report.wandb_runs import curves_from_wandb, load_wandb, push_extra_vs_
 
 __all__ = ["CELL_KEYS", "PAPER", "SGDBaseline", "cell_table", "cells_markdown", "curves_from_wandb", "equal_compute_markdown",
            "equal_compute_table", "extra_vs_sgd_per_run", "find_summaries", "hardware_label", "load_runs",
-           "load_wandb", "main", "pareto_front", "plot_acc_vs_throughput", "plot_curves", "plot_pareto",
+           "load_wandb", "main", "method_color", "method_colors", "pareto_front", "plot_acc_vs_throughput", "plot_curves", "plot_pareto",
            "push_extra_vs_sgd", "report_markdown", "row_from_wandb", "run_row", "runs_frame", "select_runs",
            "write_report"]

@@ -1,5 +1,7 @@
 """The report's figures: accuracy vs throughput, accuracy per epoch, and accuracy vs compute
-(Pareto). One panel per task (dataset and its settings, model, hardware label)."""
+(Pareto). One panel per task (dataset and its settings, model, hardware label). A method has one
+colour everywhere (esam.report.colors); rows of one method that differ in their settings differ in
+marker or line style. Accuracy axes stop at 100%."""
 from __future__ import annotations
 
 import math
@@ -9,10 +11,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from esam.report.colors import method_color
 from esam.report.runs import CELL_KEYS
 from esam.report.tables import headline, shown_settings
 
 PANEL_KEYS = ["dataset", "data", "model", "hardware"]
+MARKERS = "osD^v<>ph*"
+LINESTYLES = ("-", "--", ":", "-.")
 
 
 def pareto_front(x: Any, y: Any) -> np.ndarray:
@@ -66,9 +71,10 @@ def plot_acc_vs_throughput(table: pd.DataFrame, path: Path) -> Path:
     panels = _panels(table)
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
     for ax, (title, part) in zip(axes[0], panels):
-        for (_, r), text in zip(part.iterrows(), labels(part)):
+        for (_, r), text, k in zip(part.iterrows(), labels(part), _variant(part)):
             ax.errorbar(r.img_per_s_mean, r.acc_best_mean, xerr=_nan0(r.img_per_s_std), yerr=_nan0(r.acc_best_std),
-                        fmt="o", capsize=3, label=f"{text} (n={int(r.n)})")
+                        fmt=MARKERS[k % len(MARKERS)], capsize=3, color=method_color(r.method),
+                        label=f"{text} (n={int(r.n)})")
         _finish_panel(ax, title, "training images/s (higher is cheaper)", "test accuracy %, best epoch")
     return _save(fig, plt, path)
 
@@ -83,12 +89,14 @@ def plot_curves(curves: pd.DataFrame, path: Path) -> Path | None:
     keys = [k for k in CELL_KEYS if k not in PANEL_KEYS]
     for ax, (title, part) in zip(axes[0], panels):
         cells = list(part.groupby(keys, dropna=False, sort=False))
-        names = labels(pd.DataFrame([dict(zip(keys, cell)) for cell, _ in cells]))
-        for (cell, g), name in zip(cells, names):
+        rows = pd.DataFrame([{**dict(zip(keys, cell)), "method": g.method.iloc[0]} for cell, g in cells])
+        for (cell, g), name, k in zip(cells, labels(rows), _variant(rows)):
             stats = g.groupby("epoch").test_acc.agg(["mean", "std"]).reset_index()
-            line, = ax.plot(stats.epoch, stats["mean"], label=f"{name} (n={g.source.nunique()})")
+            color = method_color(g.method.iloc[0])
+            ax.plot(stats.epoch, stats["mean"], color=color, ls=LINESTYLES[k % len(LINESTYLES)],
+                    label=f"{name} (n={g.source.nunique()})")
             ax.fill_between(stats.epoch, stats["mean"] - stats["std"].fillna(0), stats["mean"] + stats["std"].fillna(0),
-                            color=line.get_color(), alpha=0.2)
+                            color=color, alpha=0.2)
         _finish_panel(ax, title, "epoch", "test accuracy %")
     return _save(fig, plt, path)
 
@@ -104,18 +112,18 @@ def plot_pareto(table: pd.DataFrame, path: Path) -> Path | None:
     panels = _panels(table)
     fig, axes = plt.subplots(2, len(panels), figsize=(4.8 * len(panels), 7.4), squeeze=False)
     axis = (("compute_used", "compute used (SGD-epoch equivalents)"), ("wall_time_s", "training wall time, s"))
+    # One marker per optimizer label across the whole figure; the colour is the method's.
+    markers = {o: MARKERS[i % len(MARKERS)] for i, o in enumerate(sorted(table.optimizer.unique(), key=str))}
     for col, (title, part) in enumerate(panels):
-        methods = sorted(part.optimizer.unique(), key=str)
-        colors = {m: plt.cm.tab20(i % 20) for i, m in enumerate(methods)}  # up to 20 methods apart
-        markers = {m: "osD^v<>ph*"[i % 10] for i, m in enumerate(methods)}
+        options = sorted(part[["method", "optimizer"]].drop_duplicates().itertuples(index=False), key=str)
         for row, (x, xlabel) in enumerate(axis):
             ax = axes[row][col]
             xs, ys = part[f"{x}_mean"].to_numpy(float), part.acc_final_mean.to_numpy(float)
-            for method in methods:
-                m = part[part.optimizer == method]
+            for method, option in options:
+                m = part[(part.method == method) & (part.optimizer == option)]
                 ax.errorbar(m[f"{x}_mean"], m.acc_final_mean, xerr=m[f"{x}_std"].fillna(0),
-                            yerr=m.acc_final_std.fillna(0), fmt=markers[method], capsize=3, color=colors[method],
-                            label=str(method).upper())
+                            yerr=m.acc_final_std.fillna(0), fmt=markers[option], capsize=3, color=method_color(method),
+                            label=str(option).upper())
             front = pareto_front(xs, ys)
             if front.any():
                 order = np.argsort(xs[front])
@@ -126,7 +134,20 @@ def plot_pareto(table: pd.DataFrame, path: Path) -> Path | None:
     return _save(fig, plt, path)
 
 
+def _variant(part: pd.DataFrame) -> list[int]:
+    """Per row: how many rows of the same method came before it in the panel (0 for the first),
+    so that rows sharing a method's colour differ in marker or line style."""
+    seen: dict[str, int] = {}
+    out = []
+    for m in part.method:
+        out.append(seen.get(m, 0))
+        seen[m] = out[-1] + 1
+    return out
+
+
 def _finish_panel(ax, title: str, xlabel: str, ylabel: str) -> None:
+    lo, hi = ax.get_ylim()
+    ax.set_ylim(max(lo, 0.0), min(hi, 100.0))  # accuracy in %: an error bar never stretches the axis past 100
     ax.set_title(title, fontsize=9)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)

@@ -88,12 +88,12 @@ def run_row(s: dict[str, Any], source: str, finished: float | None = None) -> di
     """One run's summary (summary.json fields, with its resolved ``config``) -> one row of runs.csv.
     ``finished``: when it ended (seconds since the epoch), to keep the newest of a repeated seed."""
     config = s.get("config") if isinstance(s.get("config"), dict) else {}
-    opt = config.get("optimizer") if isinstance(config.get("optimizer"), dict) else None
+    # The optimizer's settings come from the resolved config only (a summary without one, from
+    # before configs were saved, reads with no settings).
+    opt = config.get("optimizer") if isinstance(config.get("optimizer"), dict) else {}
     data = config.get("dataset") if isinstance(config.get("dataset"), dict) else None
     trainer = config.get("trainer") if isinstance(config.get("trainer"), dict) else {}
-    # Older summaries have no config: their hyper-parameters are the three the table always had.
-    hparams = settings(opt, drop=("name", "label")) if opt is not None else settings(
-        {k: s.get(k) for k in ("rho", "beta", "gamma") if s.get(k) is not None})
+    hparams = settings(opt, drop=("name", "label"))
     budget = _num(s["budget"] if s.get("budget") is not None else trainer.get("budget"))
     epochs = _num(trainer.get("epochs", s.get("epochs")))
     return {
@@ -108,7 +108,7 @@ def run_row(s: dict[str, Any], source: str, finished: float | None = None) -> di
         "img_per_s": _num(s.get("img_per_s")), "compute_used": _num(s.get("compute_used")),
         "wall_time_s": _num(s.get("wall_time_s")),
         "epochs_run": _num(s.get("epochs_done", s.get("epochs"))),
-        "rho": _num(s.get("rho")), "beta": _num(s.get("beta")), "gamma": _num(s.get("gamma")),
+        "rho": _num(opt.get("rho")), "beta": _num(opt.get("beta")), "gamma": _num(opt.get("gamma")),
         "finished": _num(finished), "source": source,
     }
 

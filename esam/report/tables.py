@@ -215,6 +215,9 @@ NOTES = """\
 - compute (SGD-epochs): what the optimizer ran, in epochs of SGD on the same data (cost units: forward 1, backward 2 per sample).
 - Wall-clock numbers are only comparable within one hardware label, and only as good as the machine was quiet."""
 
+UNTIMED_NOTE = ("- img/s –: every step of those runs fell inside the timing warm-up (`trainer.timing_warmup_steps`), "
+                "so nothing was timed; run longer, or lower the warm-up, for a throughput and a compute vs SGD.")
+
 COMPUTE_NOTES = """\
 - budget: `trainer.budget=E`, the run stops after the compute of E SGD epochs on its data; SGD gets E epochs, SAM about E/2.
 - compute used: SGD-epoch equivalents the run spent; wall time: measured training time (s), mean ± std over seeds.

@@ -1,15 +1,17 @@
-"""wandb runs (public API, logged by esam.loggers) -> the same rows as run folders give."""
+"""wandb runs (public API or local offline runs, logged by esam.loggers) -> the same rows as run folders give."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from esam.errors import UserError
-from esam.loggers import summary_key, wandb_key
+from esam.loggers import has_api_key, summary_key, wandb_key
 from esam.report.runs import curve_point, curves_frame, run_row, runs_frame
 from esam.report.tables import extra_vs_sgd_per_run
+from esam.report.wandb_offline import local_runs
 
 
 def _unwrap(v: Any) -> Any:
@@ -41,7 +43,6 @@ def row_from_wandb(run: Any) -> dict[str, Any] | None:
         s[summary_key(key)] = value
     for key, dotted in (("dataset", "dataset.name"), ("model", "model.label"), ("optimizer", "optimizer.label"),
                         ("method", "optimizer.name"), ("seed", "seed"), ("batch_size", "dataset.batch_size"),
-                        ("rho", "optimizer.rho"), ("beta", "optimizer.beta"), ("gamma", "optimizer.gamma"),
                         ("experiment", "experiment_name"), ("budget", "trainer.budget")):
         if s.get(key) is None:
             s[key] = _dig(config, dotted)
@@ -61,17 +62,21 @@ def curves_from_wandb(run: Any, row: dict[str, Any]) -> list[dict[str, Any]]:
     return [curve_point(row, {ours: h.get(theirs) for theirs, ours in keys.items()}) for h in hist if "epoch" in h]
 
 
-def load_wandb(project: str, group: str | None = None, api: Any = None) -> tuple[pd.DataFrame, pd.DataFrame, list]:
-    """(runs, curves, wandb runs) of ENTITY/PROJECT's finished training runs (optionally one group)."""
-    if api is None:
-        import wandb
+def is_local(where: str) -> bool:
+    """``--wandb`` names a folder of local wandb runs (it exists here), not ENTITY/PROJECT."""
+    return Path(where).exists()
 
-        api = wandb.Api()
-    filters: dict[str, Any] = {"state": "finished", "jobType": "train"}
-    if group:
-        filters["group"] = group
+
+def load_wandb(where: str, group: str | None = None, api: Any = None) -> tuple[pd.DataFrame, pd.DataFrame, list]:
+    """(runs, curves, wandb runs): the finished training runs of ENTITY/PROJECT through the public
+    API, or of the local wandb runs below the folder ``where`` (offline-run-*, no login needed);
+    optionally only one group."""
+    if api is None and is_local(where):
+        runs = local_runs([where], group)
+    else:
+        runs = list(_api_runs(where, group, api))
     rows, curves, kept = [], [], []
-    for run in api.runs(project, filters=filters):
+    for run in runs:
         row = row_from_wandb(run)
         if row is None:
             continue
@@ -79,12 +84,48 @@ def load_wandb(project: str, group: str | None = None, api: Any = None) -> tuple
         kept.append(run)
         curves += curves_from_wandb(run, row)
     if not rows:
-        raise UserError(f"no finished esam training runs in wandb project {project}"
-                        + (f" group {group}" if group else ""))
+        place = f"below {where}" if api is None and is_local(where) else f"in wandb project {where}"
+        raise UserError(f"no finished esam training runs {place}" + (f" group {group}" if group else ""))
     return runs_frame(rows), curves_frame(curves), kept
 
 
+NO_SERVER = ("or report the run folders themselves (python -m esam.report outputs multirun), or the wandb runs "
+             "logged offline with --wandb FOLDER (e.g. --wandb outputs)")
+
+
+def _api_runs(project: str, group: str | None, api: Any) -> list:
+    """ENTITY/PROJECT's finished training runs from the wandb server (``api``: a stand-in for
+    wandb.Api() in tests). No wandb, no login, no network, no such project: one sentence."""
+    filters: dict[str, Any] = {"state": "finished", "jobType": "train"}
+    if group:
+        filters["group"] = group
+    if api is not None:
+        return list(api.runs(project, filters=filters))
+    try:
+        import wandb
+    except ImportError:
+        raise UserError(f"--wandb {project} needs wandb (pip install wandb), " + NO_SERVER) from None
+    entity, _, name = project.partition("/")
+    if not entity or not name or "/" in name:
+        raise UserError(f"--wandb {project}: give ENTITY/PROJECT, or a folder of local wandb runs "
+                        "(there is no folder of that name here)")
+    if has_api_key(wandb) is False:
+        raise UserError(f"wandb has no API key here, so --wandb {project} cannot read the server: run "
+                        "`wandb login` (or set WANDB_API_KEY), " + NO_SERVER)
+    try:
+        return list(wandb.Api().runs(project, filters=filters))
+    except Exception as e:  # UsageError, CommError, ValueError (no such project): wandb's, all of them
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        hint = ("run `wandb login` (or set WANDB_API_KEY)" if "API key" in str(e)
+                else "check ENTITY/PROJECT (there is no folder of that name here either) and the network")
+        raise UserError(f"wandb could not read {project} ({type(e).__name__}: {first}): {hint}, "
+                        + NO_SERVER) from None
+
+
 def wandb_source(run: Any) -> str:
+    """Where a row came from: ``wandb:ENTITY/PROJECT/ID``, or a local run's offline-run-* folder."""
+    if getattr(run, "source", None):
+        return str(run.source)
     return "wandb:" + "/".join(getattr(run, "path", None) or [str(getattr(run, "id", "?"))])
 
 
