@@ -27,7 +27,7 @@ TINY = [
     "model=resnet_digits", "dataset.image_size=8", "dataset.num_train=64", "dataset.num_test=16",
     "dataset.batch_size=16", "device=cpu", "precision=fp32", "steps=2", "repeats=2",
     "warmup_steps=1", "phase_steps=1", "num_batches=2", "num_threads=1",
-    "flop_steps=2",
+    "flop_steps=2", "max_busy_repeats=0",
 ]
 
 
