@@ -54,9 +54,20 @@ class Eta:
 
 
 def duration(seconds: float) -> str:
-    """'40 s', '3.2 min', '1.5 h'."""
+    """'<1 s', '40 s', '3.2 min', '1.5 h'."""
+    if seconds < 0.5:
+        return "<1 s"
     if seconds < 90:
         return f"{seconds:.0f} s"
     if seconds < 5400:
         return f"{seconds / 60:.1f} min"
     return f"{seconds / 3600:.1f} h"
+
+
+def duration_span(low: float, high: float) -> str:
+    """'40 s', '24-30 s', '50 s-2.5 min': one unit where both ends share it."""
+    a, b = duration(low), duration(high)
+    if a == b:
+        return a
+    (va, ua), (vb, ub) = a.split(" "), b.split(" ")
+    return f"{va}-{vb} {ua}" if ua == ub else f"{a}-{b}"

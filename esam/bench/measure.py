@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from esam.bench.eta import Eta, duration
+from esam.bench.eta import Eta, duration, duration_span
 from esam.bench.methods import MethodSpec, method_specs
 from esam.data import build_data
 from esam.engine.build import configure_backends
@@ -254,9 +254,7 @@ class Bench:
         low = self._flop_seconds() + sum(self._seconds(n) for k, n in left.items() if k != "again")
         if math.isnan(low):
             return ""
-        high = low + self._seconds(left["again"])
-        span = duration(low) if duration(high) == duration(low) else f"{duration(low)}-{duration(high)}"
-        return f"about {span} left"
+        return f"about {duration_span(low, low + self._seconds(left['again']))} left"
 
     def estimate(self) -> str:
         """The line printed after warm-up: the time left and what it is made of."""
@@ -335,6 +333,7 @@ class Bench:
             finally:
                 gc.enable()
             busy = [self.busy(m.foreign[-1]) for m in self.methods]
+            retry = attempt - 1 in self.dropped  # this one stands in for a busy one
             again = any(busy) and len(self.dropped) < cfg.max_busy_repeats
             (self.dropped if again else self.kept).append(attempt)
             for m in self.methods:
@@ -346,7 +345,7 @@ class Bench:
             elif any(busy):
                 note = (f"   (*: other processes busy; kept, taken under load: max_busy_repeats="
                         f"{cfg.max_busy_repeats} reached)")
-            log(f"repeat {slot + 1}/{cfg.repeats}{' (again)' if attempt != slot else ''}: " + "  ".join(
+            log(f"repeat {slot + 1}/{cfg.repeats}{' (again)' if retry else ''}: " + "  ".join(
                 f"{m.name} {1e3 * float(np.median(m.times[-1])):.0f}ms" + ("*" if b else "")
                 for m, b in zip(self.methods, busy)) + note + self._left())
             attempt += 1

@@ -143,7 +143,7 @@ def _run(cfg: DictConfig, log: Log, load_meter: Callable[[], LoadMeter]) -> dict
         "step_cost": {m.name: m.costs for m in bench.methods},
         "foreign_cpu": {m.name: [round(f, 3) for f in m.foreign] for m in bench.methods},
         # Which repeats (indices into step_ms) count, which were left out as busy and run again.
-        "load": {"under_load": bench.under_load, "note": under_load_note(bench).strip(),
+        "load": {"under_load": bench.under_load, "note": under_load_note(bench),
                  "max_foreign_cpu": cfg.max_foreign_cpu, "max_busy_repeats": cfg.max_busy_repeats,
                  "kept_repeats": bench.kept, "dropped_repeats": bench.dropped},
     }
@@ -158,8 +158,11 @@ def _run(cfg: DictConfig, log: Log, load_meter: Callable[[], LoadMeter]) -> dict
         else:
             plot_bars(df, cfg.baseline, title, files["png"])
     tables = report_tables(df, bench)
-    files["md"].write_text(markdown_report(tables, env, title))
+    note = under_load_note(bench)
+    files["md"].write_text(markdown_report(tables, env, title, note))
     log(format_tables(tables))
+    if note:
+        log(f"warning: {note}")
     log("wrote " + ", ".join(str(p) for p in files.values()))
     if cfg.logger.name != "none":
         _log_to_logger(cfg, df, env, stem, str(out))

@@ -124,8 +124,8 @@ def report_tables(df: pd.DataFrame, bench: Bench) -> list[tuple[str, pd.DataFram
     table = df[list(cols)].rename(columns=cols)
     table["blocks"] = [f"{u}/{n}" for u, n in zip(df.blocks_used, df.blocks)]
     if bench.under_load:
-        table["under load"] = df.blocks_under_load.to_numpy()
-    out = [(f"{under_load_note(bench)}ms/step over the kept blocks of {cfg.repeats} x {cfg.steps} steps spread over training "
+        table["busy blocks"] = df.blocks_under_load.to_numpy()  # of the kept ones
+    out = [(f"ms/step over the kept blocks of {cfg.repeats} x {cfg.steps} steps spread over training "
             f"progress {cfg.window.start:g}-{cfg.window.end:g} (stat: median, or mean where a method mixes "
             f"cheap and full steps; q25, q75); extra % vs {cfg.baseline}, paired % = median over repeats of "
             "each block vs the baseline's block; cost model % = the registry's expected cost, cost run % = "
@@ -154,8 +154,8 @@ def under_load_note(bench: Bench) -> str:
     busy = sum(any(bench.busy(m.foreign[r]) for m in bench.methods) for r in bench.kept)
     return (f"UNDER LOAD: other processes used more than {bench.cfg.max_foreign_cpu:.0%} of the CPU during "
             f"{busy} of the {len(bench.kept)} kept repeats (the bench stopped waiting after "
-            f"max_busy_repeats={bench.cfg.max_busy_repeats} busy ones; column 'under load': that method's busy "
-            "blocks), so times and time ratios are rough; FLOPs and costs are not affected. ")
+            f"max_busy_repeats={bench.cfg.max_busy_repeats} busy ones; 'busy blocks': each method's), so the "
+            "times and their ratios are rough; FLOPs and costs are not affected.")
 
 
 def format_tables(tables: list[tuple[str, pd.DataFrame]]) -> str:
@@ -176,10 +176,12 @@ def markdown(t: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def markdown_report(tables: list[tuple[str, pd.DataFrame]], env: dict[str, Any], title: str) -> str:
+def markdown_report(tables: list[tuple[str, pd.DataFrame]], env: dict[str, Any], title: str,
+                    note: str = "") -> str:
+    """The tables under a heading with the command and provenance; ``note`` (e.g. under load) in bold."""
     commit = env["git_commit"]
     dirty = commit.endswith("-dirty")
     head = [f"### {title}", "", f"`{env['command']}`", "",
             f"commit {commit.removesuffix('-dirty')[:10]}{' (dirty)' if dirty else ''}, {env['threads']} threads, "
-            f"{env['num_params']:,} parameters", ""]
+            f"{env['num_params']:,} parameters", ""] + ([f"**{note}**", ""] if note else [])
     return "\n".join(head + [f"{caption}:\n\n{markdown(t)}\n" for caption, t in tables])
