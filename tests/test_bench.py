@@ -15,7 +15,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from esam.bench import Bench, Method, MethodSpec, bench_rows, output_dir, run
+from esam.bench import Bench, Method, MethodSpec, bench_rows, output_dir, report_tables, run
 from esam.bench.runner import PUBLISH_DIR
 from esam.errors import UserError
 from esam.optim import ESAM, METHODS, MethodInfo, get_method
@@ -291,7 +291,7 @@ def test_quick_preset_composes_over_the_defaults_and_the_command_line_still_wins
         mine = compose("bench", overrides=["preset=quick", "repeats=5", "dataset.batch_size=128"])
     assert quick.model.name == "resnet18" and quick.dataset.batch_size == 32
     assert list(quick.methods) == ["sgd", "sam", "esam", "looksam", "msam"]
-    assert (quick.repeats, quick.steps, quick.warmup_steps, quick.flop_steps, quick.phase_steps) == (3, 2, 2, 1, 1)
+    assert (quick.repeats, quick.steps, quick.warmup_steps, quick.flop_steps, quick.phase_steps) == (3, 2, 2, 1, 0)
     assert quick.max_busy_repeats == 1 and quick.tag == "quick"
     assert (mine.repeats, mine.dataset.batch_size, mine.flop_steps) == (5, 128, 1)
 
@@ -422,3 +422,19 @@ def test_max_busy_repeats_zero_never_waits(tmp_path):
                   load_meter=ScriptedLoad([1.0, 1.0]))
     bench.time_steps(log=lambda _: None)
     assert bench.kept == [0, 1] and bench.dropped == [] and bench.under_load
+
+
+@pytest.mark.parametrize("flop_steps, noted", [(1, True), (5, False)])
+def test_too_few_flop_steps_for_lookSAMs_cycle_are_said_beside_the_table(tmp_path, flop_steps, noted):
+    """Quick runs count one step: for LookSAM (a full step every k=5) that is one cheap step, not its mean."""
+    bench = Bench(bench_cfg(tmp_path, "methods=[sgd,looksam]", "warmup_steps=1", f"flop_steps={flop_steps}",
+                            "repeats=2", "steps=3", "phase_steps=0"), load_meter=QUIET)
+    bench.warm_up(log=lambda _: None)
+    bench.count_flops(log=lambda _: None)
+    bench.time_steps(log=lambda _: None)
+    looksam = bench.methods[1]
+    assert looksam.mixed_steps                                # its timed window holds a full step
+    caption = report_tables(bench_rows(bench, {"device": "cpu", "torch": "x"}), bench)[0][0]
+    assert looksam.flops_off_mix is noted and not bench.methods[0].flops_off_mix
+    assert ("FLOPs extra % of looksam counts 1 step(s) that ran another mix of passes than the timed ones" in caption) \
+        is noted

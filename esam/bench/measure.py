@@ -94,6 +94,7 @@ class Method:
     costs: list[float] = field(default_factory=list)         # opt.last_cost of each timed step
     foreign: list[float] = field(default_factory=list)       # other processes' CPU share, per block
     flops: dict[str, float] = field(default_factory=dict)    # per segment, mean of the counted steps
+    flop_costs: list[float] = field(default_factory=list)    # opt.last_cost of each FLOP-counted step
     phase_ms: dict[str, float] = field(default_factory=dict)
     step_index: int = 0
     segments: Optional[Segments] = None                       # set only while segmenting
@@ -105,6 +106,12 @@ class Method:
     @property
     def units(self) -> float:
         return self.spec.expected_cost
+
+    @property
+    def flops_off_mix(self) -> bool:
+        """Whether the FLOP-counted steps ran another mix of passes than the timed ones (e.g. one
+        cheap LookSAM step against its k-cycle): their mean costs are half a unit or more apart."""
+        return bool(self.flop_costs and self.costs) and bool(abs(np.mean(self.flop_costs) - np.mean(self.costs)) >= 0.5)
 
     @property
     def mixed_steps(self) -> bool:
@@ -299,6 +306,7 @@ class Bench:
                     for i in range(n):
                         m.segments.start_step()
                         self.eta.counted(m.name, self.timed_step(m, self.progress(i, n)))
+                        m.flop_costs.append(float(m.opt.last_cost))
                         self._counted[m.name] += 1
                         log(f"flops: {m.name} step {i + 1}/{n} ({time.perf_counter() - t0:.1f} s{self._left()})")
                     m.flops = m.segments.per_step()

@@ -130,6 +130,9 @@ def report_tables(df: pd.DataFrame, bench: Bench) -> list[tuple[str, pd.DataFram
             f"cheap and full steps; q25, q75); extra % vs {cfg.baseline}, paired % = median over repeats of "
             "each block vs the baseline's block; cost model % = the registry's expected cost, cost run % = "
             "the mean cost the steps reported (opt.last_cost)", table)]
+    off = [m for m in bench.methods if m.flops_off_mix]
+    if off:
+        out[0] = (out[0][0] + "; " + flops_note(off, cfg.flop_steps), table)
     segs = segments(bench)
     if segs:
         ph = df[["method"] + [f"phase_ms.{s}" for s in segs]].copy()
@@ -145,6 +148,14 @@ def report_tables(df: pd.DataFrame, bench: Bench) -> list[tuple[str, pd.DataFram
             plane.columns = [f"gamma={g:g}" for g in plane.columns]
             out.append((f"{label} extra % of {cfg.grid.method} vs {cfg.baseline} (rows: beta)", plane.reset_index()))
     return out
+
+
+def flops_note(off: list[Method], flop_steps: int) -> str:
+    """Why a FLOPs extra % does not stand for a method's mean step (too few counted steps)."""
+    costs = ", ".join(f"{m.name} {np.mean(m.flop_costs):.2g} vs {np.mean(m.costs):.2g}" for m in off)
+    return (f"FLOPs extra % of {', '.join(m.name for m in off)} counts {flop_steps} step(s) that ran another mix of "
+            f"passes than the timed ones (mean cost {costs} units): raise flop_steps to cover the cycle "
+            "(LookSAM: k=5)")
 
 
 def under_load_note(bench: Bench) -> str:
