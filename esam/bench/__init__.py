@@ -26,12 +26,13 @@ Cost model (forward = 1 unit, backward = 2 units), read from the method registry
 
 Rooms: ``methods`` (which methods, from the optimizer config group), ``measure`` (timers, the
 interleaved runner, FLOP counting, per-phase segments, busy repeats), ``eta`` (time left),
-``tables``, ``plots``, ``runner`` (files and provenance), ``pipeline`` (the trainer vs the bench's SGD steps), ``__main__``.
+``tables``, ``plots``, ``runner`` (files and provenance), ``pipeline`` (the trainer vs the
+bench's SGD steps), ``__main__``.
 """
-from esam.bench.measure import Bench, ForeignCPU, Method, Segments
+from esam.bench.measure import Bench, ForeignCPU, LoadMeter, Method, Segments
 from esam.bench.methods import MethodSpec, method_specs, registered_options
 from esam.bench.runner import PUBLISH_DIR, output_dir, run
 from esam.bench.tables import bench_rows, markdown, report_tables
 
-__all__ = ["Bench", "ForeignCPU", "Method", "Segments", "MethodSpec", "method_specs", "registered_options",
-           "PUBLISH_DIR", "output_dir", "run", "bench_rows", "markdown", "report_tables"]
+__all__ = ["Bench", "ForeignCPU", "LoadMeter", "Method", "Segments", "MethodSpec", "method_specs",
+           "registered_options", "PUBLISH_DIR", "output_dir", "run", "bench_rows", "markdown", "report_tables"]
