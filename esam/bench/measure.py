@@ -111,7 +111,9 @@ class Method:
     def flops_off_mix(self) -> bool:
         """Whether the FLOP-counted steps ran another mix of passes than the timed ones (e.g. one
         cheap LookSAM step against its k-cycle): their mean costs are half a unit or more apart."""
-        return bool(self.flop_costs and self.costs) and bool(abs(np.mean(self.flop_costs) - np.mean(self.costs)) >= 0.5)
+        if not (self.flop_costs and self.costs):
+            return False
+        return bool(abs(np.mean(self.flop_costs) - np.mean(self.costs)) >= 0.5)
 
     @property
     def mixed_steps(self) -> bool:
