@@ -29,7 +29,7 @@ test: install ## The whole test suite, slow tests included (what CI runs)
 test-fast: install ## The test suite without tests marked slow
 	$(PYTHON) -m pytest -q -m "not slow" $(ARGS)
 
-bench: install ## Side-by-side overhead benchmark on ResNet-18 into outputs/bench/<time>/ (ARGS='publish=true' writes results/bench/)
+bench: install ## Side-by-side overhead benchmark on ResNet-18 into outputs/bench/<time>/ (ARGS=preset=quick: minutes on 2 CPU cores; ARGS='publish=true' writes results/bench/)
 	$(PYTHON) -m esam.bench $(ARGS)
 
 bench-trainer: install ## Trainer's SGD images/s vs the bench's bare SGD steps, interleaved (ARGS=--publish writes results/bench/)

@@ -247,7 +247,8 @@ class BenchConfig:
     phase_steps: int = 3                  # steps of the per-phase pass (0 = skip it)
     flop_steps: int = 5                   # steps whose FLOPs are counted and averaged
     num_batches: int = 4                  # distinct batches, cycled
-    max_foreign_cpu: float = 0.1          # leave out blocks where other processes used more CPU
+    max_foreign_cpu: float = 0.1          # a block during which other processes used more CPU is busy
+    max_busy_repeats: int = 8             # busy repeats run again before measuring anyway, flagged under load
     grid: BenchGridConfig = field(default_factory=BenchGridConfig)
     results_dir: Optional[str] = None     # null = the run folder (outputs/bench/<time>/)
     publish: bool = False                 # true = write into results/bench/ (the committed results)

@@ -14,7 +14,7 @@ from esam.errors import UserError
 @hydra.main(config_path="../../conf", config_name="bench", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     try:
-        run(cfg)
+        run(cfg, log=lambda line: print(line, flush=True))  # progress and time left show through a pipe too
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -4,6 +4,11 @@ What is inside the step timer: exactly one ``opt.step(closure)`` (zero_grad, eve
 backward under autocast, perturbation, selection, restore, base update) followed by a device
 sync. Batch creation is outside. Warm-up, the FLOP-counted steps and the per-phase pass (host
 syncs at every phase boundary) run apart from the timed steps.
+
+Order of a run: warm-up (its step times give the first estimate of the time left), FLOP
+counting, the timed repeats, the per-phase pass. A repeat during which other processes were
+busy is run again, at most ``max_busy_repeats`` times; then the bench stops waiting, keeps what
+it measures and flags the figures as taken under load.
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Protocol
 
 import numpy as np
 import torch
@@ -22,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from esam.bench.eta import Eta, duration, duration_span
 from esam.bench.methods import MethodSpec, method_specs
 from esam.data import build_data
 from esam.engine.build import configure_backends
@@ -88,6 +94,7 @@ class Method:
     costs: list[float] = field(default_factory=list)         # opt.last_cost of each timed step
     foreign: list[float] = field(default_factory=list)       # other processes' CPU share, per block
     flops: dict[str, float] = field(default_factory=dict)    # per segment, mean of the counted steps
+    flop_costs: list[float] = field(default_factory=list)    # opt.last_cost of each FLOP-counted step
     phase_ms: dict[str, float] = field(default_factory=dict)
     step_index: int = 0
     segments: Optional[Segments] = None                       # set only while segmenting
@@ -101,10 +108,24 @@ class Method:
         return self.spec.expected_cost
 
     @property
+    def flops_off_mix(self) -> bool:
+        """Whether the FLOP-counted steps ran another mix of passes than the timed ones (e.g. one
+        cheap LookSAM step against its k-cycle): their mean costs are half a unit or more apart."""
+        if not (self.flop_costs and self.costs):
+            return False
+        return bool(abs(np.mean(self.flop_costs) - np.mean(self.costs)) >= 0.5)
+
+    @property
     def mixed_steps(self) -> bool:
         """Whether the timed window mixes steps of different passes (e.g. LookSAM's cheap and full
         steps): costs at least one unit (a forward) apart. SWP's draws move it by less than one."""
         return bool(self.costs) and max(self.costs) - min(self.costs) >= 1.0 - 1e-9
+
+
+class LoadMeter(Protocol):
+    """Started when made; ``share()``: the share of the machine other processes used since (NaN: unknown)."""
+
+    def share(self) -> float: ...
 
 
 class ForeignCPU:
@@ -138,12 +159,14 @@ class ForeignCPU:
 class Bench:
     """Holds the methods, the batches and the precision; runs the passes over all methods."""
 
-    def __init__(self, cfg: DictConfig) -> None:
+    def __init__(self, cfg: DictConfig, load_meter: Callable[[], LoadMeter] = ForeignCPU) -> None:
+        """``load_meter``: what tells a busy block from a quiet one (tests pass a scripted one)."""
         self.cfg = cfg
+        self.load_meter = load_meter
         for key in ("steps", "repeats", "num_batches", "flop_steps"):
             if cfg[key] < 1:
                 raise UserError(f"{key}={cfg[key]} must be >= 1")
-        for key in ("warmup_steps", "phase_steps"):
+        for key in ("warmup_steps", "phase_steps", "max_busy_repeats"):
             if cfg[key] < 0:
                 raise UserError(f"{key}={cfg[key]} must be >= 0")
         w = cfg.window
@@ -180,6 +203,12 @@ class Bench:
             opt = build_from_spec(spec.spec, model.parameters(), model=model, seed=cfg.seed)
             self.methods.append(Method(spec, model, opt))
         self.phase_foreign_cpu = math.nan
+        # Repeats (indices into every Method.times) that count, and those left out as busy.
+        self.kept: list[int] = []
+        self.dropped: list[int] = []
+        self.eta = Eta()
+        self._done = {"warmup": 0, "phase": 0}
+        self._counted: dict[str, int] = defaultdict(int)
         self.grad_scaler = None
         if self.precision == "fp16":
             self.grad_scaler = {m.name: torch.amp.GradScaler(self.device.type) for m in self.methods}
@@ -211,7 +240,61 @@ class Bench:
         sync(self.device)
         return time.perf_counter() - t0
 
+    # -- the time left ---------------------------------------------------------------
+    def steps_left(self) -> dict[str, int]:
+        """Plain steps every method still has, per stage; 'again': what busy repeats may add
+        (run again until max_busy_repeats is reached)."""
+        cfg = self.cfg
+        repeats_left = cfg.repeats - len(self.kept)
+        return {"warm-up": cfg.warmup_steps - self._done["warmup"], "timing": repeats_left * cfg.steps,
+                "phase pass": cfg.phase_steps - self._done["phase"],
+                "again": max(0, min(cfg.max_busy_repeats - len(self.dropped), repeats_left)) * cfg.steps}
+
+    def _seconds(self, steps: int) -> float:
+        return self.eta.seconds({m.name: steps for m in self.methods})
+
+    def _flop_seconds(self) -> float:
+        return self.eta.seconds({}, {m.name: self.cfg.flop_steps - self._counted[m.name] for m in self.methods})
+
+    def time_left(self) -> str:
+        """'about 2.1 min left' ('about 2.1-2.9 min left' while busy repeats may still be run
+        again); '' until every method has a measured step."""
+        left = self.steps_left()
+        low = self._flop_seconds() + sum(self._seconds(n) for k, n in left.items() if k != "again")
+        if math.isnan(low):
+            return ""
+        return f"about {duration_span(low, low + self._seconds(left['again']))} left"
+
+    def estimate(self) -> str:
+        """The line printed after warm-up: the time left and what it is made of."""
+        total = self.time_left()
+        if not total:
+            return "estimate: after the first measured steps (warmup_steps=0)"
+        left = self.steps_left()
+        parts = [f"FLOP counting {duration(self._flop_seconds())}"] if self._flop_seconds() else []
+        parts += [f"{stage} {duration(self._seconds(n))}" for stage, n in left.items() if n and stage != "again"]
+        if left["again"]:
+            parts.append(f"up to {duration(self._seconds(left['again']))} more if other processes keep "
+                         f"the CPU busy (max_busy_repeats={self.cfg.max_busy_repeats})")
+        return f"estimate: {total} ({', '.join(parts)}), from the measured step times"
+
+    def _left(self) -> str:
+        left = self.time_left()
+        return f", {left}" if left else ""
+
     # -- the passes ----------------------------------------------------------------
+    def warm_up(self, log: Log = print) -> None:
+        """``warmup_steps`` untimed steps of every method; all but the first (one-time costs) feed the estimate."""
+        n = self.cfg.warmup_steps
+        for i in range(n):
+            t0 = time.perf_counter()
+            for m in self.methods:
+                seconds = self.timed_step(m, self.progress(i, n))
+                if i > 0 or n == 1:
+                    self.eta.plain(m.name, seconds)
+            self._done["warmup"] += 1
+            log(f"warm-up: step {i + 1}/{n} of every method ({time.perf_counter() - t0:.1f} s{self._left()})")
+
     def count_flops(self, log: Log = print) -> None:
         """FLOPs per optimizer step, split into segments: the mean of ``flop_steps`` steps spread
         over the window (SWP draws and per-step decisions change the count from step to step)."""
@@ -224,48 +307,70 @@ class Bench:
                 try:
                     for i in range(n):
                         m.segments.start_step()
-                        self.step(m, self.progress(i, n))
-                        log(f"flops: {m.name} step {i + 1}/{n} ({time.perf_counter() - t0:.1f} s)")
+                        self.eta.counted(m.name, self.timed_step(m, self.progress(i, n)))
+                        m.flop_costs.append(float(m.opt.last_cost))
+                        self._counted[m.name] += 1
+                        log(f"flops: {m.name} step {i + 1}/{n} ({time.perf_counter() - t0:.1f} s{self._left()})")
                     m.flops = m.segments.per_step()
                     m.flops["total"] = float(counter.get_total_flops()) / n
                 finally:
                     m.segments, m.opt.phase_hook = None, None
 
-    def warm_up(self, log: Log = print) -> None:
-        n = self.cfg.warmup_steps
-        for i in range(n):
-            t0 = time.perf_counter()
-            for m in self.methods:
-                self.step(m, self.progress(i, n))
-            sync(self.device)
-            log(f"warm-up: step {i + 1}/{n} of every method ({time.perf_counter() - t0:.1f} s)")
-
     def time_steps(self, log: Log = print) -> None:
-        """The main timing: no hooks, a sync per step, methods in rotating blocks."""
-        n, cfg = len(self.methods), self.cfg
+        """The main timing: no hooks, a sync per step, methods in rotating blocks.
+
+        ``repeats`` repeats count. One in which another process was busy during any method's
+        block is left out and run again (same stretch of the window, next order), at most
+        ``max_busy_repeats`` times; after that every repeat counts, busy or not, and
+        :attr:`under_load` says so. Whole repeats go, so every method keeps the same ones."""
+        cfg, n = self.cfg, len(self.methods)
         total = cfg.repeats * cfg.steps
-        for r in range(cfg.repeats):
-            order = self.methods[r % n:] + self.methods[: r % n]
+        attempt = 0
+        while len(self.kept) < cfg.repeats:
+            slot = len(self.kept)  # a repeat run again covers the same stretch of the window
+            order = self.methods[attempt % n:] + self.methods[: attempt % n]
             gc.collect()
             gc.disable()  # no collector pauses inside the timed steps
             try:
                 for m in order:
-                    load = ForeignCPU()
+                    load = self.load_meter()
                     block = []
                     for s in range(cfg.steps):
-                        block.append(self.timed_step(m, self.progress(r * cfg.steps + s, total)))
+                        block.append(self.timed_step(m, self.progress(slot * cfg.steps + s, total)))
                         m.costs.append(float(m.opt.last_cost))
                     m.times.append(block)
                     m.foreign.append(load.share())
             finally:
                 gc.enable()
             busy = [self.busy(m.foreign[-1]) for m in self.methods]
-            log(f"repeat {r + 1}/{cfg.repeats}: " + "  ".join(
+            retry = attempt - 1 in self.dropped  # this one stands in for a busy one
+            again = any(busy) and len(self.dropped) < cfg.max_busy_repeats
+            (self.dropped if again else self.kept).append(attempt)
+            for m in self.methods:
+                self.eta.plain(m.name, float(np.median(m.times[-1])))
+            note = ""
+            if again:
+                note = (f"   (*: other processes busy; left out and run again, "
+                        f"{len(self.dropped)}/{cfg.max_busy_repeats} of max_busy_repeats)")
+            elif any(busy):
+                note = (f"   (*: other processes busy; kept, taken under load: max_busy_repeats="
+                        f"{cfg.max_busy_repeats} reached)")
+            log(f"repeat {slot + 1}/{cfg.repeats}{' (again)' if retry else ''}: " + "  ".join(
                 f"{m.name} {1e3 * float(np.median(m.times[-1])):.0f}ms" + ("*" if b else "")
-                for m, b in zip(self.methods, busy)) + ("   (*: other processes busy, left out)" if any(busy) else ""))
+                for m, b in zip(self.methods, busy)) + note + self._left())
+            attempt += 1
 
     def busy(self, share: float) -> bool:
         return share > self.cfg.max_foreign_cpu  # NaN (no /proc) is never busy
+
+    def busy_blocks(self, m: Method) -> list[int]:
+        """The kept repeats in which this method's own block ran while other processes were busy."""
+        return [r for r in self.kept if self.busy(m.foreign[r])]
+
+    @property
+    def under_load(self) -> bool:
+        """Whether any kept repeat had a busy block: every figure is relative to the others, so all are flagged."""
+        return any(self.busy_blocks(m) for m in self.methods)
 
     def time_phases(self) -> None:
         """A separate pass with a synced clock read at every phase boundary (ms per step)."""
@@ -280,12 +385,13 @@ class Bench:
         for m in self.methods:
             m.segments = Segments(clock)
             m.opt.phase_hook = m.segments.on_phase
-        load = ForeignCPU()
+        load = self.load_meter()
         try:
             for i in range(n):
                 for m in self.methods:
                     m.segments.start_step()
                     self.step(m, self.progress(i, n))
+                self._done["phase"] += 1
             for m in self.methods:
                 m.phase_ms = {k: 1e3 * v for k, v in m.segments.per_step(np.median).items()}
             self.phase_foreign_cpu = load.share()

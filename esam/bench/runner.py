@@ -11,21 +11,22 @@ import os
 import platform
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from esam.bench.measure import Bench, Log
+from esam.bench.measure import Bench, ForeignCPU, LoadMeter, Log
 from esam.bench.plots import plot_bars, plot_grid
-from esam.bench.tables import bench_rows, format_tables, grid_table, markdown_report, report_tables
+from esam.bench.tables import bench_rows, format_tables, grid_table, markdown_report, report_tables, under_load_note
 from esam.config import BenchMode
 from esam.errors import UserError
 from esam.runtime import device_name, git_commit
 
 PUBLISH_DIR = "results/bench"  # the committed reference results; written only with publish=true
 TIMER = ("one opt.step(closure) + device sync; batches prebuilt; warm-up, FLOP steps and phase pass excluded; "
-         "opt.set_progress spreads every pass over the window")
+         "opt.set_progress spreads every pass over the window; repeats with a busy block run again up to "
+         "max_busy_repeats times, then kept and flagged under_load")
 
 
 def output_dir(cfg: DictConfig) -> Path:
@@ -89,20 +90,22 @@ def file_stem(bench: Bench, env: dict[str, Any]) -> str:
     return stem + ("-grid" if BenchMode(bench.cfg.mode) == BenchMode.grid else "")
 
 
-def run(cfg: DictConfig, log: Log = print) -> dict[str, Any]:
-    """Measure, write the CSV/JSON/PNG/MD files and return ``{'table', 'files', 'env'}``."""
+def run(cfg: DictConfig, log: Log = print, load_meter: Callable[[], LoadMeter] = ForeignCPU) -> dict[str, Any]:
+    """Measure, write the CSV/JSON/PNG/MD files and return ``{'table', 'files', 'env'}``.
+
+    ``load_meter`` tells busy blocks from quiet ones (default: other processes' CPU share)."""
     threads = torch.get_num_threads()
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
     try:
-        return _run(cfg, log)
+        return _run(cfg, log, load_meter)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(cfg: DictConfig, log: Log) -> dict[str, Any]:
+def _run(cfg: DictConfig, log: Log, load_meter: Callable[[], LoadMeter]) -> dict[str, Any]:
     out = output_dir(cfg)  # a bad choice of folder fails before minutes of measuring
-    bench = Bench(cfg)
+    bench = Bench(cfg, load_meter=load_meter)
     env = environment(bench)
     shape = f"{bench.batch_size}x{'x'.join(map(str, bench.input_shape))}"
     log(f"bench: {cfg.model.label} on {env['device_name']} ({env['threads']} threads), {bench.precision}, "
@@ -111,18 +114,21 @@ def _run(cfg: DictConfig, log: Log) -> dict[str, Any]:
     if env["device"] == "cpu" and env["load_avg_1m_before"] > 0.5 * (os.cpu_count() or 1):
         log(f"warning: load average {env['load_avg_1m_before']} on {os.cpu_count()} cores: "
             "other processes share the CPU, so the timings will be noisy")
-    bench.count_flops(log)
     bench.warm_up(log)
+    log(bench.estimate())
+    bench.count_flops(log)
     bench.time_steps(log)
     bench.time_phases()
     env["load_avg_1m_after"] = _load_avg()
     env["phase_pass_foreign_cpu"] = round(bench.phase_foreign_cpu, 3)
+    env["under_load"] = bench.under_load
     df = bench_rows(bench, env)
 
     out.mkdir(parents=True, exist_ok=True)
     stem = file_stem(bench, env)
     title = (f"{cfg.model.label}, batch {shape}, {bench.precision}{', channels_last' if bench.channels_last else ''}, "
              f"{env['device_name']}, torch {env['torch']}")
+    title += ", UNDER LOAD" if bench.under_load else ""
     files = {"csv": out / f"{stem}.csv", "json": out / f"{stem}.json", "md": out / f"{stem}.md"}
     df.to_csv(files["csv"], index=False, float_format="%.4g")
     payload = {
@@ -136,6 +142,10 @@ def _run(cfg: DictConfig, log: Log) -> dict[str, Any]:
         "step_ms": {m.name: [[round(1e3 * t, 3) for t in b] for b in m.times] for m in bench.methods},
         "step_cost": {m.name: m.costs for m in bench.methods},
         "foreign_cpu": {m.name: [round(f, 3) for f in m.foreign] for m in bench.methods},
+        # Which repeats (indices into step_ms) count, which were left out as busy and run again.
+        "load": {"under_load": bench.under_load, "note": under_load_note(bench),
+                 "max_foreign_cpu": cfg.max_foreign_cpu, "max_busy_repeats": cfg.max_busy_repeats,
+                 "kept_repeats": bench.kept, "dropped_repeats": bench.dropped},
     }
     grid = grid_table(df, cfg.baseline) if BenchMode(cfg.mode) == BenchMode.grid else None
     if grid is not None:
@@ -148,8 +158,11 @@ def _run(cfg: DictConfig, log: Log) -> dict[str, Any]:
         else:
             plot_bars(df, cfg.baseline, title, files["png"])
     tables = report_tables(df, bench)
-    files["md"].write_text(markdown_report(tables, env, title))
+    note = under_load_note(bench)
+    files["md"].write_text(markdown_report(tables, env, title, note))
     log(format_tables(tables))
+    if note:
+        log(f"warning: {note}")
     log("wrote " + ", ".join(str(p) for p in files.values()))
     if cfg.logger.name != "none":
         _log_to_logger(cfg, df, env, stem, str(out))
@@ -165,6 +178,7 @@ def _log_to_logger(cfg: DictConfig, df, env: dict[str, Any], name: str, run_dir:
     try:
         logger.log_summary({f"{r.method}/{col}": getattr(r, col) for r in df.itertuples()
                             for col in ("ms_step", "images_per_s", "extra_pct", "extra_flops_pct",
-                                        "cost_model_extra_pct", "cost_measured_extra_pct")})
+                                        "cost_model_extra_pct", "cost_measured_extra_pct")}
+                           | {"under_load": int(env["under_load"])})
     finally:
         logger.finish()

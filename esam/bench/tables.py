@@ -1,9 +1,10 @@
 """The bench's tables: one row per method (time, FLOPs, cost model), phases, the grid's planes.
 
-Step time is summarised by the median over the quiet blocks (robust to bursts of load), except
+Step time is summarised by the median over the kept blocks (robust to bursts of load), except
 for a method whose window mixes steps of different passes (a cheap step most of the time, a
 full one now and then): there no single step is typical and the mean is reported, like the
-cost model's expectation. The ``stat`` column says which.
+cost model's expectation. The ``stat`` column says which. Where the bench stopped waiting for a
+quiet machine (``max_busy_repeats``), ``under_load`` is true in every row and the tables say so.
 """
 from __future__ import annotations
 
@@ -33,9 +34,8 @@ def _center(m: Method):
 
 
 def clean_blocks(bench: Bench, m: Method) -> list[int]:
-    """Repeats whose block ran while other processes were quiet (all of them if none was)."""
-    quiet = [r for r, share in enumerate(m.foreign) if not bench.busy(share)]
-    return quiet or list(range(len(m.times)))
+    """The repeats that count (Bench.kept: quiet ones, and busy ones once the bench stopped waiting)."""
+    return list(bench.kept) if bench.kept else list(range(len(m.times)))
 
 
 def segments(bench: Bench) -> list[str]:
@@ -82,6 +82,8 @@ def bench_rows(bench: Bench, env: dict[str, Any]) -> pd.DataFrame:
             "extra_pct_paired_q75": _quantile(per_repeat, 0.75),
             "blocks_used": len(clean[m.name]),
             "blocks": len(m.times),
+            "blocks_under_load": len(bench.busy_blocks(m)),
+            "under_load": bench.under_load,
             "gflops_step": m.flops.get("total", math.nan) / 1e9,
             "gflops_fwd": fwd / 1e9,
             "gflops_bwd": bwd / 1e9,
@@ -121,11 +123,16 @@ def report_tables(df: pd.DataFrame, bench: Bench) -> list[tuple[str, pd.DataFram
             "cost_measured_extra_pct": "cost run %", "gflops_step": "GFLOP/step"}
     table = df[list(cols)].rename(columns=cols)
     table["blocks"] = [f"{u}/{n}" for u, n in zip(df.blocks_used, df.blocks)]
-    out = [(f"ms/step over the quiet blocks of {cfg.repeats} x {cfg.steps} steps spread over training "
+    if bench.under_load:
+        table["busy blocks"] = df.blocks_under_load.to_numpy()  # of the kept ones
+    out = [(f"ms/step over the kept blocks of {cfg.repeats} x {cfg.steps} steps spread over training "
             f"progress {cfg.window.start:g}-{cfg.window.end:g} (stat: median, or mean where a method mixes "
             f"cheap and full steps; q25, q75); extra % vs {cfg.baseline}, paired % = median over repeats of "
             "each block vs the baseline's block; cost model % = the registry's expected cost, cost run % = "
             "the mean cost the steps reported (opt.last_cost)", table)]
+    off = [m for m in bench.methods if m.flops_off_mix]
+    if off:
+        out[0] = (out[0][0] + "; " + flops_note(off, cfg.flop_steps), table)
     segs = segments(bench)
     if segs:
         ph = df[["method"] + [f"phase_ms.{s}" for s in segs]].copy()
@@ -141,6 +148,25 @@ def report_tables(df: pd.DataFrame, bench: Bench) -> list[tuple[str, pd.DataFram
             plane.columns = [f"gamma={g:g}" for g in plane.columns]
             out.append((f"{label} extra % of {cfg.grid.method} vs {cfg.baseline} (rows: beta)", plane.reset_index()))
     return out
+
+
+def flops_note(off: list[Method], flop_steps: int) -> str:
+    """Why a FLOPs extra % does not stand for a method's mean step (too few counted steps)."""
+    costs = ", ".join(f"{m.name} {np.mean(m.flop_costs):.2g} vs {np.mean(m.costs):.2g}" for m in off)
+    return (f"FLOPs extra % of {', '.join(m.name for m in off)} counts {flop_steps} step(s) that ran another mix of "
+            f"passes than the timed ones (mean cost {costs} units): raise flop_steps to cover the cycle "
+            "(LookSAM: k=5)")
+
+
+def under_load_note(bench: Bench) -> str:
+    """'' on a quiet run; else a sentence that says the times were taken under load, and how much."""
+    if not bench.under_load:
+        return ""
+    busy = sum(any(bench.busy(m.foreign[r]) for m in bench.methods) for r in bench.kept)
+    return (f"UNDER LOAD: other processes used more than {bench.cfg.max_foreign_cpu:.0%} of the CPU during "
+            f"{busy} of the {len(bench.kept)} kept repeats (the bench stopped waiting after "
+            f"max_busy_repeats={bench.cfg.max_busy_repeats} busy ones; 'busy blocks': each method's), so the "
+            "times and their ratios are rough; FLOPs and costs are not affected.")
 
 
 def format_tables(tables: list[tuple[str, pd.DataFrame]]) -> str:
@@ -161,10 +187,12 @@ def markdown(t: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def markdown_report(tables: list[tuple[str, pd.DataFrame]], env: dict[str, Any], title: str) -> str:
+def markdown_report(tables: list[tuple[str, pd.DataFrame]], env: dict[str, Any], title: str,
+                    note: str = "") -> str:
+    """The tables under a heading with the command and provenance; ``note`` (e.g. under load) in bold."""
     commit = env["git_commit"]
     dirty = commit.endswith("-dirty")
     head = [f"### {title}", "", f"`{env['command']}`", "",
             f"commit {commit.removesuffix('-dirty')[:10]}{' (dirty)' if dirty else ''}, {env['threads']} threads, "
-            f"{env['num_params']:,} parameters", ""]
+            f"{env['num_params']:,} parameters", ""] + ([f"**{note}**", ""] if note else [])
     return "\n".join(head + [f"{caption}:\n\n{markdown(t)}\n" for caption, t in tables])
