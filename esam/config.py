@@ -24,6 +24,7 @@ class Precision(str, Enum):
 class Scheduler(str, Enum):
     cosine = "cosine"
     constant = "constant"
+    step = "step"          # x step_gamma at each of trainer.milestones (late-phase SAM authors' WRN schedule)
 
 
 class SchedulePer(str, Enum):
@@ -153,6 +154,8 @@ class TrainerConfig:
     epochs: int = 10
     scheduler: Scheduler = Scheduler.cosine
     schedule_per: SchedulePer = SchedulePer.epoch
+    milestones: List[float] = field(default_factory=lambda: [0.3, 0.6])  # scheduler=step: shares of the run
+    step_gamma: float = 0.2               # scheduler=step: lr factor per milestone (0.2, 0.2^2 = 0.04 after 60%)
     warmup_epochs: int = 0
     label_smoothing: float = 0.0
     precision: Precision = Precision.auto
