@@ -170,6 +170,10 @@ class TrainerConfig:
     num_threads: int = 0                  # CPU threads for torch; 0 = torch's default
     budget: Optional[float] = None        # stop after this compute, in SGD epochs (SAM gets ~half); null = off
     check_every: int = 50                 # steps between host reads of the device (non-finite loss, DDP stop)
+    # Hooks before the final evaluation (esam/engine/hooks.py): null = what the method declares
+    # (MSAM: [recalibrate_bn], as its authors); [] = none; [recalibrate_bn] = for any method.
+    before_final_eval: Optional[List[str]] = None
+    evaluate_variants: bool = True        # also score the weights a method offers (MESA's EMA: test_acc_ema)
 
 
 @dataclass
