@@ -268,7 +268,7 @@ class LookSAMConfig(OptimizerConfig):
     rho: float = 0.05
     adaptive: bool = False
     k: int = 5                   # a SAM step every k steps
-    alpha: float = 0.1           # weight of the reused orthogonal component g_v
+    alpha: float = 0.7           # weight of the reused orthogonal component g_v (the paper's, k = 5)
 
 
 @dataclass
