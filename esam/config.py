@@ -283,7 +283,7 @@ class GSAMConfig(OptimizerConfig):
 @dataclass
 class KSAMConfig(OptimizerConfig):
     rho: float = 0.05
-    k_frac: float = 0.1          # share of the batch (highest loss) in both SAM passes
+    k_frac: float = 0.36         # share of the batch (highest loss) in both SAM passes (unverified: ksam.yaml)
     k: int = 0                   # a fixed count instead; 0 = use k_frac
     adaptive: bool = False
 
