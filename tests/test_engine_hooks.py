@@ -155,3 +155,13 @@ def test_ema_evaluation_can_be_switched_off(tmp_path):
     fit(compose_cfg([*TINY, "optimizer=mesa", "trainer.epochs=1", "trainer.evaluate_variants=false"]), tmp_path)
     line = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert "test_acc_ema" not in line
+
+
+def test_the_epoch_line_shows_the_ema_accuracy_beside_the_models():
+    from esam.engine.run_files import epoch_line
+
+    record = {"epoch": 3, "lr": 0.05, "train_loss": 1.0, "train_acc": 60.0, "test_loss": 1.1, "test_acc": 55.0,
+              "test_acc5": 90.0, "train_img_per_s": 100.0, "epoch_time_s": 2.0, "test_acc_ema": 57.25,
+              "test_acc5_ema": 91.0, "test_loss_ema": 1.05}
+    line = epoch_line(record, 10)
+    assert "test loss 1.1000 acc 55.00" in line and line.endswith("ema acc 57.25")

@@ -137,6 +137,8 @@ def _after_hooks(last: dict[str, Any], final: dict[str, Any] | None) -> dict[str
 def epoch_line(r: dict[str, Any], epochs: int, budget: float | None = None) -> str:
     """The console line of one epoch."""
     extra = f" sharpness {r['sam_sharpness']:.4f}" if "sam_sharpness" in r else ""
+    extra += "".join(f"  {k[len('test_acc_'):]} acc {v:.2f}" for k, v in r.items()
+                     if k.startswith("test_acc_"))  # weights scored beside the model's (MESA: ema)
     if budget is not None:
         extra += f"  compute {r['compute_used']:.2f}/{budget:g} SGD epochs"
     return (f"epoch {r['epoch']:>3}/{epochs}  lr {r['lr']:.4f}  "
