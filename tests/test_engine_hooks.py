@@ -105,6 +105,14 @@ def test_msam_final_evaluation_uses_bn_statistics_recomputed_at_w(tmp_path):
         w = [p.detach().clone() for p in ref.model.parameters()]
     with trainer.optimizer.evaluation_weights():
         assert all(torch.equal(a, b) for a, b in zip(w, trainer.model.parameters()))
+    # checkpoints/final.pt holds the model as finally evaluated: w and the recalibrated statistics
+    final = load_checkpoint(tmp_path / "run" / "checkpoints" / "final.pt")
+    assert final["test_acc"] == on_disk["test_acc_final"]
+    probe = copy.deepcopy(ref.model)
+    probe.load_state_dict(final["model"])
+    assert all(torch.equal(a, b) for a, b in zip(w, probe.parameters()))
+    assert all(torch.equal(b.running_mean, t.running_mean) and torch.equal(b.running_var, t.running_var)
+               for b, t in zip(bns(probe), bns(trainer.model)))
 
 
 def test_hooks_follow_the_method_unless_the_trainer_says_otherwise(tmp_path):

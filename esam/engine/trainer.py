@@ -239,7 +239,8 @@ class Trainer:
     def _final_evaluation(self) -> dict[str, Any]:
         """The hooks the method declares for before the final evaluation (MSAM: BatchNorm
         statistics recomputed at w), then the test set again; {} when there are none. Both
-        numbers go to summary.json: test_acc_final (after) and test_acc_final_before_hooks."""
+        numbers go to summary.json: test_acc_final (after) and test_acc_final_before_hooks;
+        the model so evaluated to checkpoints/final.pt."""
         names = self.final_hooks
         if not names or not self.state.history:
             return {}
@@ -249,6 +250,8 @@ class Trainer:
                 self._say(f"{name}: {FINAL_HOOKS[name](self.run, self.state.epoch)}")
             after = self._evaluate()
         self._say(f"after {', '.join(names)}: test acc {before['test_acc']:.2f} -> {after['test_acc']:.2f}")
+        if self.run.dist.is_main:  # the model as finally evaluated (last.pt keeps the state to resume)
+            self._write("final.pt", lambda: best_state(self.run, self.state.epoch, after["test_acc"]))
         return {"final_hooks": names, **after}
 
     def _evaluate(self) -> dict[str, float]:
