@@ -24,6 +24,7 @@ class Precision(str, Enum):
 class Scheduler(str, Enum):
     cosine = "cosine"
     constant = "constant"
+    step = "step"          # x step_gamma at each of trainer.milestones (late-phase SAM authors' WRN schedule)
 
 
 class SchedulePer(str, Enum):
@@ -156,6 +157,8 @@ class TrainerConfig:
     epochs: int = 10
     scheduler: Scheduler = Scheduler.cosine
     schedule_per: SchedulePer = SchedulePer.epoch
+    milestones: List[float] = field(default_factory=lambda: [0.3, 0.6])  # scheduler=step: shares of the run
+    step_gamma: float = 0.2               # scheduler=step: lr factor per milestone (0.2, 0.2^2 = 0.04 after 60%)
     warmup_epochs: int = 0
     label_smoothing: float = 0.0
     precision: Precision = Precision.auto
@@ -171,6 +174,10 @@ class TrainerConfig:
     num_threads: int = 0                  # CPU threads for torch; 0 = torch's default
     budget: Optional[float] = None        # stop after this compute, in SGD epochs (SAM gets ~half); null = off
     check_every: int = 50                 # steps between host reads of the device (non-finite loss, DDP stop)
+    # Hooks before the final evaluation (esam/engine/hooks.py): null = what the method declares
+    # (MSAM: [recalibrate_bn], as its authors); [] = none; [recalibrate_bn] = for any method.
+    before_final_eval: Optional[List[str]] = None
+    evaluate_variants: bool = True        # also score the weights a method offers (MESA's EMA: test_acc_ema)
 
 
 @dataclass
@@ -266,7 +273,7 @@ class LookSAMConfig(OptimizerConfig):
     rho: float = 0.05
     adaptive: bool = False
     k: int = 5                   # a SAM step every k steps
-    alpha: float = 0.1           # weight of the reused orthogonal component g_v
+    alpha: float = 0.7           # weight of the reused orthogonal component g_v (the paper's, k = 5)
 
 
 @dataclass
@@ -281,7 +288,7 @@ class GSAMConfig(OptimizerConfig):
 @dataclass
 class KSAMConfig(OptimizerConfig):
     rho: float = 0.05
-    k_frac: float = 0.1          # share of the batch (highest loss) in both SAM passes
+    k_frac: float = 0.36         # share of the batch (highest loss) in both SAM passes (unverified: ksam.yaml)
     k: int = 0                   # a fixed count instead; 0 = use k_frac
     adaptive: bool = False
 

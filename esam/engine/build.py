@@ -89,6 +89,11 @@ def check_trainer_config(tc: DictConfig) -> None:
         raise UserError(f"trainer.max_steps must be >= 0 (0 = off), got {tc.max_steps}")
     if tc.get("check_every", 1) < 1:
         raise UserError(f"trainer.check_every must be >= 1 (steps), got {tc.check_every}")
+    milestones = list(tc.get("milestones", []))
+    if not all(0 < m <= 1 for m in milestones) or milestones != sorted(milestones):
+        raise UserError(f"trainer.milestones must be increasing shares of the run in (0, 1], got {milestones}")
+    if not tc.get("step_gamma", 1.0) > 0:
+        raise UserError(f"trainer.step_gamma must be > 0 (the lr factor per milestone), got {tc.step_gamma}")
 
 
 def agree_on_run_dir(run_dir: Path, info: DistInfo) -> Path:
@@ -169,7 +174,8 @@ def build_run(cfg: DictConfig, run_dir: str | Path) -> Run:
     epochs = planned_epochs(tc.epochs, budget, cost)
     factor = functools.partial(lr_factor, steps_per_epoch=steps_per_epoch, epochs=epochs,
                                warmup_epochs=tc.warmup_epochs, kind=option(tc.scheduler),
-                               per=option(tc.schedule_per))
+                               per=option(tc.schedule_per), milestones=tuple(tc.get("milestones", (0.3, 0.6))),
+                               step_gamma=float(tc.get("step_gamma", 0.2)))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.base_optimizer, lambda step: factor(step))
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     return Run(cfg=cfg, run_dir=run_dir, dist=info, device=device, precision=precision, data=data, model=model,

@@ -60,8 +60,14 @@ class RunFiles:
             atomic_write_json(self.summary_path, summary)
 
 
-def summarize(run: Any, history: list[dict[str, Any]], *, train_time_s: float, pieces: int) -> dict[str, Any]:
-    """summary.json: the run's results, its cost and where it ran (what esam.report reads)."""
+def summarize(run: Any, history: list[dict[str, Any]], *, train_time_s: float, pieces: int,
+              final: dict[str, Any] | None = None) -> dict[str, Any]:
+    """summary.json: the run's results, its cost and where it ran (what esam.report reads).
+
+    ``final``: the test metrics after the method's before-final-evaluation hooks (MSAM's BN
+    recalibration); they become the ``*_final`` numbers, the last epoch's stay as
+    ``*_final_before_hooks``. Weights evaluated beside the model's (MESA's EMA: ``test_acc_ema``
+    in the epoch lines) get ``test_acc_<name>_final`` and ``_best``."""
     cfg, h = run.cfg, history
     timed_s = sum(r["timed_seconds"] for r in h)
     timed_steps = sum(r["timed_steps"] for r in h)
@@ -106,6 +112,8 @@ def summarize(run: Any, history: list[dict[str, Any]], *, train_time_s: float, p
         "pieces": pieces,
         "run_dir": str(run.run_dir),
         "config": OmegaConf.to_container(cfg, resolve=True),
+        **_variant_results(h),
+        **_after_hooks(h[-1], final),
     }
 
 
@@ -117,10 +125,30 @@ def throughput(img_per_s: float | None, unit: str = "img/s", untimed: str = "run
     return f"{img_per_s:.0f} {unit}"
 
 
+def _variant_results(h: list[dict[str, Any]]) -> dict[str, Any]:
+    """test_acc_<name>_final / _best for every evaluated variant (test_acc_<name> in the last epoch)."""
+    out: dict[str, Any] = {}
+    for key in h[-1]:
+        if key.startswith("test_acc_") and not key.startswith("test_acc5"):
+            seen = [r[key] for r in h if key in r]
+            out[f"{key}_final"], out[f"{key}_best"] = h[-1][key], max(seen)
+    return out
+
+
+def _after_hooks(last: dict[str, Any], final: dict[str, Any] | None) -> dict[str, Any]:
+    if not final:
+        return {"final_hooks": []}
+    return {"final_hooks": list(final["final_hooks"]),
+            "test_acc_final": final["test_acc"], "test_acc5_final": final["test_acc5"],
+            "test_acc_final_before_hooks": last["test_acc"], "test_acc5_final_before_hooks": last["test_acc5"]}
+
+
 def epoch_line(r: dict[str, Any], epochs: int, budget: float | None = None) -> str:
     """The console line of one epoch."""
     sharpness = stat_key("sharpness")
     extra = f" sharpness {r[sharpness]:.4f}" if sharpness in r else ""
+    extra += "".join(f"  {k[len('test_acc_'):]} acc {v:.2f}" for k, v in r.items()
+                     if k.startswith("test_acc_"))  # weights scored beside the model's (MESA: ema)
     if budget is not None:
         extra += f"  compute {r['compute_used']:.2f}/{budget:g} SGD epochs"
     return (f"epoch {r['epoch']:>3}/{epochs}  lr {r['lr']:.4f}  "

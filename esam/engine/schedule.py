@@ -1,6 +1,7 @@
 """How long a run is and how its learning rate moves: pure functions of the step.
 
-``lr_factor`` multiplies the base lr after ``step`` optimizer steps. ``planned_epochs`` is the
+``lr_factor`` multiplies the base lr after ``step`` optimizer steps: cosine to 0, constant, or a
+step schedule (times ``step_gamma`` at each milestone, a share of the run). ``planned_epochs`` is the
 run's length: ``trainer.epochs``, or under a compute budget the epochs that budget buys at the
 method's expected cost (SAM at budget 2 plans 1 epoch), so warm-up and cosine span the run's
 own length.
@@ -8,6 +9,7 @@ own length.
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 
 def cosine_factor(progress: float) -> float:
@@ -15,9 +17,20 @@ def cosine_factor(progress: float) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
 
 
+def step_factor(progress: float, milestones: Sequence[float], gamma: float) -> float:
+    """gamma ** (number of milestones reached): 1 before the first, gamma after it, gamma^2 ...
+
+    Milestones are shares of the run, so ``(0.3, 0.6)`` with gamma 0.2 is the late-phase SAM
+    authors' WideResNet schedule (zzp1012/SAM-in-Late-Phase ``src/utils/step_lr.py``
+    ``StepLRforWRN``: lr x1 below 30% of the epochs, x0.2 below 60%, x0.04 after)."""
+    return gamma ** sum(1 for m in milestones if progress >= m - 1e-12)
+
+
 def lr_factor(step: int, *, steps_per_epoch: int, epochs: float, warmup_epochs: float = 0,
-              kind: str = "cosine", per: str = "epoch") -> float:
-    """Linear warm-up over ``warmup_epochs``, then cosine to 0 at ``epochs`` (or constant).
+              kind: str = "cosine", per: str = "epoch", milestones: Sequence[float] = (0.3, 0.6),
+              step_gamma: float = 0.2) -> float:
+    """Linear warm-up over ``warmup_epochs``, then cosine to 0 at ``epochs``, constant, or a step
+    schedule (``kind="step"``: times ``step_gamma`` at each of ``milestones``, shares of ``epochs``).
 
     With ``per="epoch"`` (the authors' recipe) the factor is constant within an epoch;
     ``epochs`` may be fractional (a run sized by a compute budget)."""
@@ -28,6 +41,8 @@ def lr_factor(step: int, *, steps_per_epoch: int, epochs: float, warmup_epochs: 
         return (t + 1.0 / (steps_per_epoch if per == "step" else 1)) / warmup_epochs
     if kind == "constant":
         return 1.0
+    if kind == "step":  # milestones count from the run's start (the authors' epoch < 0.3 E test)
+        return step_factor(t / epochs, milestones, step_gamma)
     span = epochs - warmup_epochs
     # An integer run with warm-up >= epochs keeps a span of 1 (as before); a budget may give < 1.
     return cosine_factor((t - warmup_epochs) / (span if span > 0 else 1))

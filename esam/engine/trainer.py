@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from esam.engine.build import Run, build_run
+from esam.engine.hooks import FINAL_HOOKS, evaluation_variants, final_hooks
 from esam.engine.checkpoint import (Progress, best_state, checkpoint_state, restore, resolve_resume,
                                     resume_command)
 from esam.engine.monitor import EpochAccumulator, NonFiniteWatch, StepTimer, epoch_record
@@ -55,6 +56,8 @@ class Trainer:
         self.watch = NonFiniteWatch(self.run.device)
         self.timer = StepTimer(self.run.device)
         self._t_start: float | None = None
+        # checked now (a misspelt hook fails before training, not after it)
+        self.final_hooks = final_hooks(self.optimizer, cfg.trainer.get("before_final_eval"))
 
     # The parts callers (and tests) reach for.
     model = property(lambda self: self.run.model)
@@ -86,7 +89,7 @@ class Trainer:
                         exit_code = 0
                         self._save_and_exit(f"checkpoint saved after epoch {self.state.epoch}")
                 summary = summarize(self.run, self.state.history, train_time_s=self._train_time(),
-                                    pieces=self.state.pieces)
+                                    pieces=self.state.pieces, final=self._final_evaluation())
                 self.files.write_summary(summary)
                 if self.run.dist.is_main:
                     logger.log_summary(summary)
@@ -236,7 +239,30 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         with self.optimizer.evaluation_weights():
-            return self._evaluate()
+            record = self._evaluate()
+        if self.cfg.trainer.get("evaluate_variants", True):  # e.g. MESA's EMA: test_acc_ema
+            for name, weights in evaluation_variants(self.optimizer).items():
+                with weights():
+                    record.update({f"{k}_{name}": v for k, v in self._evaluate().items()})
+        return record
+
+    def _final_evaluation(self) -> dict[str, Any]:
+        """The hooks the method declares for before the final evaluation (MSAM: BatchNorm
+        statistics recomputed at w), then the test set again; {} when there are none. Both
+        numbers go to summary.json: test_acc_final (after) and test_acc_final_before_hooks;
+        the model so evaluated to checkpoints/final.pt."""
+        names = self.final_hooks
+        if not names or not self.state.history:
+            return {}
+        before = self.state.history[-1]
+        with self.optimizer.evaluation_weights():
+            for name in names:
+                self._say(f"{name}: {FINAL_HOOKS[name](self.run, self.state.epoch)}")
+            after = self._evaluate()
+        self._say(f"after {', '.join(names)}: test acc {before['test_acc']:.2f} -> {after['test_acc']:.2f}")
+        if self.run.dist.is_main:  # the model as finally evaluated (last.pt keeps the state to resume)
+            self._write("final.pt", lambda: best_state(self.run, self.state.epoch, after["test_acc"]))
+        return {"final_hooks": names, **after}
 
     def _evaluate(self) -> dict[str, float]:
         run = self.run

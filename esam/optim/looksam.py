@@ -34,7 +34,7 @@ class LookSAM(SAM):
         *,
         rho: float = 0.05,
         k: int = 5,
-        alpha: float = 0.1,
+        alpha: float = 0.7,  # the LookSAM paper's (k = 5); MSAM authors' configs/*.ini: 0.7 too
         adaptive: bool = False,
         eps: float = 1e-12,
         model: torch.nn.Module | None = None,
@@ -150,7 +150,7 @@ register_method(MethodInfo(
     paper="Liu et al., Towards Efficient and Scalable Sharpness-Aware Minimization, CVPR 2022 "
           "(arXiv 2203.02714)",
     cost_units=looksam_cost,
-    hparams={"rho": 0.05, "k": 5, "alpha": 0.1, "adaptive": False},
+    hparams={"rho": 0.05, "k": 5, "alpha": 0.7, "adaptive": False},
     stats={"sam_step": "1 on the steps that ran SAM's two passes, 0 on the one-pass steps"},
     description="SAM every k steps; in between one forward/backward plus alpha*||g||/||g_v|| times "
                 "the stored part g_v of the SAM gradient orthogonal to g",

@@ -37,7 +37,13 @@ class MSAM(SharpnessAwareOptimizer):
     Checkpoints: :meth:`extra_state` holds the perturbed weights, and loading it copies them
     into the model, so load the model's state first and then the optimizer's (as the
     trainer does); the resumed run then equals the straight one bit for bit.
+
+    BatchNorm running statistics are gathered at the perturbed weights; as the authors
+    (MarlonBecker/MSAM main.py, after training) the engine recomputes them at w with one
+    no-grad train-mode pass over the training set before the final test (esam/engine/hooks.py).
     """
+
+    before_final_evaluation = ("recalibrate_bn",)  # read by the engine (trainer.before_final_eval)
 
     def __init__(
         self,

@@ -304,6 +304,11 @@ class MESA(_TrajectoryMethod):
             _, ema_logits = closure(return_logits=True)
         return ema_logits, None
 
+    def evaluation_variants(self) -> dict[str, Any]:
+        """Weights the engine scores beside the model's own: the EMA (the authors report its
+        accuracy: timm's --model-ema validation replaces the model's); none before the first step."""
+        return {} if self.ema is None else {"ema": self._ema_weights}
+
     @contextlib.contextmanager
     def _ema_weights(self):
         """The model in eval mode with the EMA's tensors in place of its own; both restored on exit."""
