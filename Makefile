@@ -54,13 +54,13 @@ STAMP_NOW := $(shell date +%Y-%m-%d_%H-%M-%S)
 DIGITS_DIR ?= multirun/digits/$(STAMP_NOW)
 .PHONY: sweep sweep-digits sweep-ablation table reproduce-digits
 
-cifar10-%: install ## Paper recipe, %=sgd|sam|esam or any method with an experiment file (looksam, msam, ...); MODEL=resnet18 (default)|wrn28_10|pyramidnet110, SEEDS=0,1,2, ARGS=overrides
+cifar10-%: install ## Paper recipe with method % (sgd, sam, esam or any registered method: looksam, msam, ...); MODEL=resnet18 (default)|wrn28_10|pyramidnet110, SEEDS=0,1,2, ARGS=overrides
 	$(PYTHON) -m esam.train $(MULTIRUN) experiment=cifar10_$(or $(MODEL),resnet18)_$* seed=$(SEEDS) $(ARGS)
 
-cifar100-%: install ## The same on CIFAR-100 (cifar100-sgd|sam|esam)
+cifar100-%: install ## The same on CIFAR-100 (cifar100-<method>)
 	$(PYTHON) -m esam.train $(MULTIRUN) experiment=cifar100_$(or $(MODEL),resnet18)_$* seed=$(SEEDS) $(ARGS)
 
-imagenet-%: install ## ImageNet recipe, %=sgd|sam|esam; MODEL=resnet50 (default)|resnet101, ARGS='dataset.root=/data/imagenet'
+imagenet-%: install ## ImageNet recipe with method % (any registered method); MODEL=resnet50 (default)|resnet101, ARGS='dataset.root=/data/imagenet'
 	$(PYTHON) -m esam.train $(MULTIRUN) experiment=imagenet_$(or $(MODEL),resnet50)_$* seed=$(SEEDS) $(ARGS)
 
 sweep: install ## The paper's CIFAR grid, 54 runs (conf/sweep/paper.yaml); ARGS='hydra/launcher=slurm ...'
@@ -82,12 +82,10 @@ reproduce-digits: install ## The CPU reproduction in results/digits: digits swee
 CPU_DIR ?= multirun/cpu_benchmark/$(STAMP_NOW)
 .PHONY: reproduce-cpu
 reproduce-cpu: install ## The CPU benchmark in results/cpu-benchmark (digits, 40% label noise): every method x 5 seeds at equal epochs and at 3 compute budgets, then the report (about an hour)
-	$(PYTHON) -m esam.train -m +sweep=cpu_benchmark_base hydra.sweep.dir=$(CPU_DIR)/base $(ARGS)
+	$(PYTHON) -m esam.train -m +sweep=cpu_benchmark hydra.sweep.dir=$(CPU_DIR)/epochs $(ARGS)
+	$(PYTHON) -m esam.train -m +sweep=cpu_benchmark optimizer=mesa optimizer.decay=0.9891 hydra.sweep.dir=$(CPU_DIR)/epochs_mesa $(ARGS)
 	$(PYTHON) -m esam.train -m +sweep=cpu_benchmark_sgd_tuned hydra.sweep.dir=$(CPU_DIR)/sgd_tuned $(ARGS)
-	$(PYTHON) -m esam.train -m +sweep=cpu_benchmark hydra.sweep.dir=$(CPU_DIR)/sam_family $(ARGS)
-	$(PYTHON) -m esam.train -m +sweep=cpu_benchmark_budget_base hydra.sweep.dir=$(CPU_DIR)/budget_base $(ARGS)
+	$(PYTHON) -m esam.train -m +sweep=cpu_benchmark_budget hydra.sweep.dir=$(CPU_DIR)/budget $(ARGS)
+	$(PYTHON) -m esam.train -m +sweep=cpu_benchmark_budget optimizer=mesa optimizer.decay=0.9891 hydra.sweep.dir=$(CPU_DIR)/budget_mesa $(ARGS)
 	$(PYTHON) -m esam.train -m +sweep=cpu_benchmark_sgd_tuned trainer.budget=10,20,40 hydra.sweep.dir=$(CPU_DIR)/budget_sgd_tuned $(ARGS)
-	$(PYTHON) -m esam.train -m +sweep=cpu_benchmark_budget hydra.sweep.dir=$(CPU_DIR)/budget_sam_family $(ARGS)
-	$(PYTHON) -m esam.train -m +sweep=cpu_benchmark_budget optimizer=gsam,ksam,looksam,latesam,rst,aesam hydra.sweep.dir=$(CPU_DIR)/budget_field $(ARGS)
-	$(PYTHON) -m esam.train -m +sweep=cpu_benchmark_budget_base optimizer=msam,saf,mesa hydra.sweep.dir=$(CPU_DIR)/budget_field_base $(ARGS)
 	$(PYTHON) -m esam.report $(CPU_DIR) --out results/cpu-benchmark

@@ -385,3 +385,9 @@ def register_saf_configs() -> None:
 
 
 register_saf_configs()
+
+
+# The recipe layer (group sam, experiment=<recipe>_<method> for every cell): esam/recipes.py.
+from esam.recipes import register_recipe_configs  # noqa: E402
+
+register_recipe_configs()
