@@ -1,0 +1,3 @@
+from esam.report.cli import main
+
+main()
