@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check (issue 14): CUDA tests, the overhead bench, the trainer-vs-bench check and a
+# The GPU check: CUDA tests, the overhead bench, the trainer-vs-bench check and a
 # 2-epoch run per method on one CUDA GPU; every step time-boxed, everything in one folder.
 #
 # Prepared for a 15-minute GPU budget (machine start included; about 8 minutes of work),

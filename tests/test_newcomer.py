@@ -1,4 +1,4 @@
-"""What a new user trips over (issue 15, item 7 and friends): each check would have failed before."""
+"""What a new user trips over on a first read and a first run; each check once failed."""
 from __future__ import annotations
 
 from conftest import run_cli
