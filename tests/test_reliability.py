@@ -469,13 +469,22 @@ BAD_INPUT = {
     "batch_too_large": (["dataset.batch_size=100000"], ["dataset.batch_size", "1437"], True),
     "epochs_zero": (["trainer.epochs=0"], ["trainer.epochs", ">= 1"], True),
     "missing_dataset": (lambda t: ["dataset=cifar10", f"dataset.root={t / 'empty'}", "dataset.download=false"],
-                        ["cifar10", "not found", "download"], True),
+                        ["cifar10", "not found", "dataset.root=", "download"], True),
+    "schema_as_option": (["optimizer=esam_schema"], ["optimizer=esam_schema", "schema", "choose one of", "sam, sgd"], True),
     "unwritable_output": (lambda t: [_under_a_file(t)], ["output folder", "a_file", "not a folder"], True),
     "corrupt_checkpoint": (lambda t: [f"trainer.resume={_corrupt(t)}"], ["garbage.pt", "corrupt"], True),
     "truncated_checkpoint": (lambda t: [f"trainer.resume={_truncated(t)}"], ["truncated.pt", "truncated"], True),
     "missing_checkpoint": (lambda t: [f"trainer.resume={t / 'nope.pt'}"], ["nope.pt", "does not exist"], True),
     "not_a_checkpoint": (lambda t: [f"trainer.resume={_foreign(t)}"], ["foreign.pt", "not an esam"], True),
 }
+
+
+def test_a_run_that_fails_before_training_leaves_no_folder(tmp_path):
+    """Not its run folder, nor the outputs/<experiment>/<name>/seed0/ that Hydra made for it."""
+    res = run_cli([*TINY, "dataset=cifar10", f"dataset.root={tmp_path / 'data'}", "dataset.download=false"],
+                  cwd=tmp_path, timeout=300)
+    assert res.returncode == 2 and "dataset.root=" in res.stderr, res.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def _foreign(tmp_path: Path) -> str:
