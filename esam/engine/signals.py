@@ -5,16 +5,20 @@ or a scheduler sends SIGTERM, and Ctrl-C sends SIGINT. The handler only records 
 trainer finishes its step, writes a checkpoint, prints the command that continues the run, then
 calls :meth:`StopSignals.chain` so the handler that was there before (submitit's requeue) still
 runs, after the checkpoint exists. A second Ctrl-C means "now": the process exits at once,
-without a traceback and without saving (the last checkpoint written stays).
+without a traceback and without saving (the last checkpoint written stays). One that comes
+within :data:`SAME_CTRL_C_S` of the first is the same keypress: torchrun hands the terminal's
+Ctrl-C on to its workers, which had it already.
 """
 from __future__ import annotations
 
 import os
 import signal
 import sys
+import time
 from typing import Any, Callable
 
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
+SAME_CTRL_C_S = 1.0  # seconds; a person pressing twice takes longer, a forwarding process less
 
 FIRST_CTRL_C = ("Ctrl-C: stopping after this step with a checkpoint and the command to continue "
                 "(press Ctrl-C again to quit at once without saving)")
@@ -42,10 +46,13 @@ class StopSignals:
         self.announce = announce
         self.received: str | None = None
         self._previous: dict[signal.Signals, Any] = {}
+        self._first_at = 0.0
 
     def _record(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
         if name == "SIGINT" and self.received is not None:
+            if self.received == "SIGINT" and time.monotonic() - self._first_at < SAME_CTRL_C_S:
+                return
             if self.announce:
                 _say(SECOND_CTRL_C)
             for stream in (sys.stdout, sys.stderr):
@@ -57,7 +64,7 @@ class StopSignals:
         # Keep the first: under Slurm pre-emption USR1 (requeue) may be followed by SIGTERM,
         # and it is USR1's handler (submitit's requeue) that must be chained after saving.
         if self.received is None:
-            self.received = name
+            self.received, self._first_at = name, time.monotonic()
             if name == "SIGINT" and self.announce:
                 _say(FIRST_CTRL_C)
 
