@@ -1,3 +1,0 @@
-from esam.report.cli import main
-
-main()
