@@ -405,6 +405,21 @@ def test_equal_compute_sweep_composes_every_registered_method_at_each_budget():
         assert compose("train", overrides=["+sweep=equal_compute", "dataset=digits"]).dataset.label_noise == 0.0
 
 
+def test_equal_compute_epochs_in_the_docs_follow_the_declared_costs():
+    """"SAM about E/2, ESAM about E/1.7" (docs/usage.md and the sweep's header): each divisor is
+    the method's declared cost relative to SGD's, as docs/methods.md lists it."""
+    import re
+
+    from conftest import REPO
+    from esam.optim import METHODS
+
+    for path in (REPO / "docs" / "usage.md", REPO / "conf" / "sweep" / "equal_compute.yaml"):
+        text = " ".join(path.read_text().replace("#", " ").split())
+        for method in ("SAM", "ESAM"):
+            divisor, = re.findall(rf"\b{method} about E/([0-9]+(?:\.[0-9]+)?)", text)
+            assert float(divisor) == pytest.approx(METHODS[method.lower()].relative_cost(), abs=0.05), (path, method)
+
+
 def test_equal_compute_sweep_end_to_end(tmp_path):
     """A tiny `+sweep=equal_compute` (SGD and SAM, budget 1, one seed) and its report."""
     sweep = tmp_path / "multirun"
