@@ -22,11 +22,11 @@
 #   3. trainer vs bench: the trainer's SGD images/s at least 95% of the bench's       -> pipeline/
 #   4. a 2-epoch synthetic CIFAR-shaped run per method                                 -> train/<method>/
 #   summary.md: each step's status and time, the bench tables, the training table; logs/ per step.
-# Nothing here needs a newer PyTorch than the lent machines' 2.11 (pyproject pins 2.14.1 for CI).
+# It calls no PyTorch API newer than 2.11, the lent machines' version (pyproject pins 2.14.1 for CI).
 #
 # Options: --out DIR      (default results/gpu/<gpu-name>; with --dry-run outputs/gpu-check/dry-run-<time>)
 #          --wheels DIR   --methods a,b,c (default: every method with a conf/optimizer option)
-#          --quick        --dry-run       --python PY (default: python, or .venv/bin/python if present)
+#          --quick        --dry-run       --python PY (default: .venv/bin/python if present, else python or python3)
 #          --download-wheels DIR (= python scripts/gpu_wheels.py DIR)
 set -uo pipefail
 
@@ -35,6 +35,7 @@ cd "$REPO"
 COMMAND="bash scripts/gpu_check.sh $*"
 OUT="" WHEELS="" METHODS="" QUICK=0 DRY=0 DOWNLOAD=""
 PY="python"
+command -v python >/dev/null || PY="python3"  # some images have only python3
 [ -x "$REPO/.venv/bin/python" ] && PY="$REPO/.venv/bin/python"
 
 usage() { sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
