@@ -35,9 +35,12 @@ bench: install ## Side-by-side overhead benchmark on ResNet-18 into outputs/benc
 bench-trainer: install ## Trainer's SGD images/s vs the bench's bare SGD steps, interleaved (ARGS=--publish writes results/bench/)
 	$(PYTHON) -m esam.bench.pipeline $(ARGS)
 
-.PHONY: gpu-check
+.PHONY: gpu-check gpu-wheels
 gpu-check: ## CUDA tests, bench, trainer vs bench, 2-epoch runs on one GPU (scripts/gpu_check.sh; ARGS='--quick --wheels DIR' or --dry-run)
 	bash scripts/gpu_check.sh $(ARGS)
+
+gpu-wheels: install ## The wheels gpu-check needs on a GPU machine without Hydra, into DIR (default wheels/; ARGS=--from-installed offline)
+	$(PYTHON) scripts/gpu_wheels.py $(or $(DIR),wheels) $(ARGS)
 
 models: install ## Parameter counts and FLOPs of every model into results/models.md
 	$(PYTHON) scripts/model_table.py --output results/models.md

@@ -266,7 +266,7 @@ class BenchConfig:
 ConfigStore.instance().store(name="bench_schema", node=BenchConfig)
 
 
-# -- the efficient-SAM field (issue 12): LookSAM, GSAM, K-SAM ---------------------------------
+# -- the efficient-SAM field: LookSAM, GSAM, K-SAM --------------------------------------------
 # Their own rho/adaptive (not SAMConfig's), so SAM's m-sharpness keys never reach them.
 @dataclass
 class LookSAMConfig(OptimizerConfig):
@@ -303,7 +303,7 @@ def register_efficient_sam_configs() -> None:
 register_efficient_sam_configs()
 
 
-# -- when to take the sharpness-aware step (late-phase SAM, RST, AE-SAM) and MSAM (issue 12) ----
+# -- when to take the sharpness-aware step (late-phase SAM, RST, AE-SAM) and MSAM ---------------
 class Inner(str, Enum):
     sam = "sam"    # the sharpness-aware step is SAM's
     esam = "esam"  # ESAM's, with beta and gamma
@@ -355,7 +355,7 @@ def register_switching_and_msam_configs() -> None:
 register_switching_and_msam_configs()
 
 
-# -- SAF and MESA (Du et al., NeurIPS 2022; issue 12) -------------------------------------------
+# -- SAF and MESA (Du et al., NeurIPS 2022) -----------------------------------------------------
 class SAFMemory(str, Enum):
     cpu = "cpu"        # host memory, as the authors (ImageNet's memory is ~20 GB); a sync per step
     device = "device"  # beside the logits: no sync, for memories that fit (CIFAR: 8-80 MB)

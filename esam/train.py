@@ -27,6 +27,7 @@ CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 # The trainer checkpoints on SIGUSR1 (and SIGTERM); make it the signal submitit asks Slurm for
 # (`--signal=USR1@signal_delay_s`) and listens to. Set before the launcher imports submitit.
 os.environ.setdefault("SUBMITIT_PREEMPT_SIGNAL", "USR1")
+INTERRUPTED = "interrupted (Ctrl-C) before training started; nothing new was saved"
 
 
 def output_dir_problem(path: str | Path) -> str | None:
@@ -79,10 +80,38 @@ def resume_into_its_folder(argv: list[str]) -> list[str]:
     return argv
 
 
+def schema_choice_problem(argv: list[str]) -> str | None:
+    """Why an override picks a schema (``optimizer=esam_schema``), or None. Hydra lists the
+    structured-config schemas (esam/config.py) among a group's options, since they are stored in
+    the group they check, but they are not choices: a run on one is a traceback. Generic: any
+    name the ConfigStore holds for a group of conf/ that has no file there is a schema."""
+    from hydra.core.config_store import ConfigStore
+
+    conf = Path(CONFIG_DIR)
+    for a in argv:
+        key, eq, value = a.partition("=")
+        key = key.lstrip("+~")
+        if not eq or key.startswith("hydra") or not (conf / key).is_dir():
+            continue
+        try:
+            stored = {n.removesuffix(".yaml") for n in ConfigStore.instance().list(key) if n.endswith(".yaml")}
+        except OSError:  # no schema in this group
+            continue
+        for choice in value.split(","):  # a multirun sweep names several
+            choice = choice.strip()
+            if choice in stored and not (conf / key / f"{choice}.yaml").is_file():
+                options = ", ".join(sorted(p.stem for p in (conf / key).glob("*.yaml")))
+                return (f"{key}={choice} is the schema that checks the {key} options, not one of them; "
+                        f"choose one of: {options}")
+    return None
+
+
 def remove_if_unused(run_dir: str | Path) -> None:
     """A run that failed before training leaves no folder behind: only what Hydra and the build
-    put there (its config, an empty train.log, an empty checkpoints/) is removed, never results."""
-    run_dir = Path(run_dir)
+    put there (its config, an empty train.log, an empty checkpoints/) is removed, never results;
+    then the parents Hydra made for it (outputs/<experiment>/<name>/seed0/) while they are empty,
+    up to the current folder (never it, nor anything outside it)."""
+    run_dir = Path(run_dir).absolute()
     ours = {".hydra", "train.log", "checkpoints"}
     try:
         entries = list(run_dir.iterdir())
@@ -91,6 +120,14 @@ def remove_if_unused(run_dir: str | Path) -> None:
     if any(p.name not in ours for p in entries) or any((run_dir / "checkpoints").glob("*")):
         return
     shutil.rmtree(run_dir, ignore_errors=True)
+    cwd = Path.cwd().absolute()
+    for parent in run_dir.parents:
+        if parent == cwd or cwd not in parent.parents:
+            break
+        try:
+            parent.rmdir()  # only if empty
+        except OSError:
+            break
 
 
 class PlainForEsam(logging.Formatter):
@@ -137,6 +174,11 @@ def main(cfg: DictConfig) -> float | None:
         if int(os.environ.get("RANK", "0")) == 0:
             remove_if_unused(run_dir)
         sys.exit(2)
+    except KeyboardInterrupt:  # from training on, Ctrl-C is the trainer's (esam/engine/signals.py)
+        print(INTERRUPTED, file=sys.stderr, flush=True)
+        if int(os.environ.get("RANK", "0")) == 0:
+            remove_if_unused(run_dir)
+        sys.exit(130)
     if int(os.environ.get("RANK", "0")) == 0:  # one line per run, not one per DDP rank
         from esam.engine.run_files import throughput
 
@@ -147,4 +189,11 @@ def main(cfg: DictConfig) -> float | None:
 
 if __name__ == "__main__":
     sys.argv[1:] = resume_into_its_folder(sys.argv[1:])
-    main()
+    if (problem := schema_choice_problem(sys.argv[1:])) is not None:
+        print(f"error: {problem}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    try:
+        main()
+    except KeyboardInterrupt:  # while Hydra composes the config
+        print(INTERRUPTED, file=sys.stderr, flush=True)
+        sys.exit(130)

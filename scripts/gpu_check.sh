@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check (issue 14): CUDA tests, the overhead bench, the trainer-vs-bench check and a
+# The GPU check: CUDA tests, the overhead bench, the trainer-vs-bench check and a
 # 2-epoch run per method on one CUDA GPU; every step time-boxed, everything in one folder.
 #
 # Prepared for a 15-minute GPU budget (machine start included; about 8 minutes of work),
@@ -7,24 +7,27 @@
 #   bash scripts/gpu_check.sh --quick --wheels wheels
 # The full check (more repeats; about 12 minutes):   bash scripts/gpu_check.sh --wheels wheels
 # The same steps on the CPU at tiny size (CI, tests/test_gpu_check.py):   bash scripts/gpu_check.sh --dry-run
-# Fetch the wheels beforehand, on a machine with PyPI and the same Python:
-#   bash scripts/gpu_check.sh --download-wheels wheels
+# Build the wheel folder beforehand, beside the checkout, on a machine with PyPI (make gpu-wheels):
+#   python scripts/gpu_wheels.py wheels      (--from-installed: offline, from this Python's copies)
 #
 # Steps (a step that fails or runs out of time is recorded, and the next one runs):
 #   0. setup: GPU name, driver (nvidia-smi), torch and CUDA versions, the command -> env.json;
-#      esam by `pip install --no-deps -e .` unless it is importable from this checkout; missing
-#      pure-Python packages (hydra-core, omegaconf, pytest, ...) only from --wheels DIR (--no-index),
-#      with the installed torch pinned as a constraint, so pip can never replace it
+#      esam from this checkout (PYTHONPATH: nothing is built, any Python 3.11+ will do); missing
+#      pure-Python packages (hydra-core, omegaconf, antlr4, submitit) only from --wheels DIR
+#      (pip --no-index, with the installed torch pinned as a constraint, so pip never touches it);
+#      wandb is not needed (every run here uses logger=none)
 #   1. pytest -m cuda (tests/test_cuda.py)
 #   2. python -m esam.bench: ResNet-18 CIFAR batch 128 in bf16 and in tf32, WRN-28-10 batch 256
 #      in bf16; every registered method plus sam_m64/esam_m64; FLOPs and phases       -> bench/
 #   3. trainer vs bench: the trainer's SGD images/s at least 95% of the bench's       -> pipeline/
 #   4. a 2-epoch synthetic CIFAR-shaped run per method                                 -> train/<method>/
 #   summary.md: each step's status and time, the bench tables, the training table; logs/ per step.
+# It calls no PyTorch API newer than 2.11, the lent machines' version (pyproject pins 2.14.1 for CI).
 #
 # Options: --out DIR      (default results/gpu/<gpu-name>; with --dry-run outputs/gpu-check/dry-run-<time>)
 #          --wheels DIR   --methods a,b,c (default: every method with a conf/optimizer option)
-#          --quick        --dry-run       --python PY (default: python, or .venv/bin/python if present)
+#          --quick        --dry-run       --python PY (default: .venv/bin/python if present, else python or python3)
+#          --download-wheels DIR (= python scripts/gpu_wheels.py DIR)
 set -uo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -32,9 +35,10 @@ cd "$REPO"
 COMMAND="bash scripts/gpu_check.sh $*"
 OUT="" WHEELS="" METHODS="" QUICK=0 DRY=0 DOWNLOAD=""
 PY="python"
+command -v python >/dev/null || PY="python3"  # some images have only python3
 [ -x "$REPO/.venv/bin/python" ] && PY="$REPO/.venv/bin/python"
 
-usage() { sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
     case "$1" in
         --out) OUT="$2"; shift 2 ;;
@@ -49,13 +53,14 @@ while [ $# -gt 0 ]; do
     esac
 done
 
-# The packages the check needs besides what the bare machine has (torch, timm, pandas, matplotlib).
-REQUIRED="hydra-core==1.3.8 omegaconf==2.3.1 antlr4-python3-runtime==4.9.3 PyYAML pytest==9.2.0 tqdm==4.70.1"
-OPTIONAL="pytest-timeout==2.4.0"
 if [ -n "$DOWNLOAD" ]; then
-    mkdir -p "$DOWNLOAD"
-    exec "$PY" -m pip download -d "$DOWNLOAD" $REQUIRED $OPTIONAL
+    exec "$PY" "$REPO/scripts/gpu_wheels.py" "$DOWNLOAD"
 fi
+if [ -n "$WHEELS" ] && [ ! -d "$WHEELS" ]; then
+    echo "error: --wheels $WHEELS is not a folder; build it with: python scripts/gpu_wheels.py $WHEELS" >&2
+    exit 2
+fi
+[ -n "$WHEELS" ] && WHEELS="$(cd "$WHEELS" && pwd)"
 
 export WANDB_MODE=disabled PYTHONUNBUFFERED=1 HYDRA_FULL_ERROR=1
 if [ "$DRY" = 1 ]; then
@@ -94,32 +99,39 @@ step() {
 { command -v nvidia-smi >/dev/null && nvidia-smi || echo "nvidia-smi: not found"; } > "$OUT/nvidia-smi.txt" 2>&1
 DRIVER="$(command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=driver_version --format=csv,noheader | head -1 || echo none)"
 
-esam_here() { "$PY" -c "import esam, pathlib, sys; sys.exit(0 if pathlib.Path(esam.__file__).resolve().parent == pathlib.Path('$REPO/esam') else 1)" 2>/dev/null; }
-if ! esam_here; then
-    step install-esam 300 "$PY" -m pip install --no-deps --no-build-isolation -e "$REPO"
-    if ! esam_here; then  # e.g. no setuptools to build with: run from the checkout instead
-        export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
-        echo "note: esam runs from $REPO through PYTHONPATH" | tee -a "$OUT/logs/install-esam.log"
-        esam_here && FAILED=0  # the first step: nothing else has failed yet
-    fi
-fi
-MISSING="$("$PY" - <<'EOF'
+# esam runs from this checkout, whatever else is installed (an install elsewhere, or none: the
+# machine's Python may not be the 3.11 pyproject.toml asks for).
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+missing() {  # the pip names of what the check imports and this Python lacks
+    "$PY" - <<'EOF'
 import importlib.util
-need = {"hydra": "hydra-core==1.3.8", "omegaconf": "omegaconf==2.3.1", "antlr4": "antlr4-python3-runtime==4.9.3",
-        "yaml": "PyYAML", "pytest": "pytest==9.2.0", "tqdm": "tqdm==4.70.1"}  # tqdm: the trainer's progress bar
-print(" ".join(pkg for mod, pkg in need.items() if importlib.util.find_spec(mod) is None))
+need = {"hydra": "hydra-core", "omegaconf": "omegaconf", "antlr4": "antlr4-python3-runtime",
+        "submitit": "submitit", "hydra_plugins.hydra_submitit_launcher": "hydra-submitit-launcher",
+        "yaml": "PyYAML", "pytest": "pytest", "tqdm": "tqdm"}  # tqdm: the trainer's progress bar
+def absent(mod):
+    try:
+        return importlib.util.find_spec(mod) is None
+    except ImportError:  # the parent of a dotted name is missing
+        return True
+print(" ".join(pkg for mod, pkg in need.items() if absent(mod)))
 EOF
-)"
+}
+MISSING="$(missing)"
 if [ -n "$MISSING" ]; then
     if [ -z "$WHEELS" ]; then
-        echo "error: missing $MISSING; bring them as files in a folder and pass --wheels DIR" >&2
+        echo "error: missing $MISSING; build a wheel folder with python scripts/gpu_wheels.py DIR and pass --wheels DIR" >&2
         exit 2
     fi
     "$PY" -c "import torch; print(f'torch=={torch.__version__}')" > "$OUT/constraints.txt"
-    step install-deps 300 "$PY" -m pip install --no-index --find-links "$WHEELS" -c "$OUT/constraints.txt" $MISSING
-    for pkg in $OPTIONAL; do  # nice to have: pytest's per-test timeout (pyproject.toml sets one)
-        "$PY" -m pip install -q --no-index --find-links "$WHEELS" -c "$OUT/constraints.txt" "$pkg" >/dev/null 2>&1 || true
-    done
+    # Only DIR is looked in (no index, no pip configuration's extra links); what is installed
+    # already (torch, PyYAML, packaging, ...) satisfies the rest.
+    step install-deps 300 env PIP_CONFIG_FILE=/dev/null "$PY" -m pip install --no-index --find-links "$WHEELS" \
+        --only-binary=:all: -c "$OUT/constraints.txt" $MISSING
+    MISSING="$(missing)"
+    if [ -n "$MISSING" ]; then
+        echo "error: still missing $MISSING after installing from $WHEELS (see $OUT/logs/install-deps.log)" >&2
+        exit 2
+    fi
 fi
 
 "$PY" - "$OUT/env.json" "$DEVICE" "$DRIVER" "$COMMAND" "$DRY" <<'EOF'

@@ -1,6 +1,6 @@
 """trainer.budget: equal compute, not equal epochs.
 
-Done-when of issue 13: ``python -m esam.train dataset=digits optimizer=sam trainer.budget=2``
+What a user relies on: ``python -m esam.train dataset=digits optimizer=sam trainer.budget=2``
 takes about half the steps of the same run with ``optimizer=sgd``, and both report
 ``compute_used`` within 5% of 2.0 (here on 1437 digits in batches of 128: 12 steps an epoch).
 """

@@ -31,7 +31,7 @@ RECIPES = {
 GRID = ([(ds, m) for ds in ("cifar10", "cifar100") for m in ("resnet18", "wrn28_10", "pyramidnet110")]
         + [("imagenet", m) for m in ("resnet50", "resnet101")])
 NAMES = [f"{ds}_{m}_{opt}" for ds, m in GRID for opt in METHODS]
-# The efficient-SAM field (issue 12) on CIFAR-10/100 x ResNet-18/WRN-28-10.
+# The efficient-SAM field (LookSAM to MESA) on CIFAR-10/100 x ResNet-18/WRN-28-10.
 FIELD = ("looksam", "gsam", "ksam", "latesam", "rst", "aesam", "msam", "saf", "mesa")
 FIELD_NAMES = [f"{ds}_{m}_{opt}" for ds in ("cifar10", "cifar100") for m in ("resnet18", "wrn28_10")
                for opt in FIELD]

@@ -1,4 +1,4 @@
-"""What the authors ran (issue 11): m-sharpness, BN statistics on every pass, the authors' SDS
+"""What the authors ran: m-sharpness, BN statistics on every pass, the authors' SDS
 rule, and the identities that tie SGD, SAM and ESAM together, bit for bit where they must be.
 
 The m-sharpness references are computed by hand in float64 (torch.autograd.grad on a

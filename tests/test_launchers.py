@@ -111,6 +111,6 @@ def test_submitit_tasks_become_torch_distributed_ranks(monkeypatch):
 
 def test_submitit_asks_for_the_signal_the_trainer_checkpoints_on():
     import esam.train  # noqa: F401  (sets the default before any launcher imports submitit)
-    from esam.trainer import STOP_SIGNALS
+    from esam.engine import STOP_SIGNALS
 
     assert "SIG" + os.environ["SUBMITIT_PREEMPT_SIGNAL"] in STOP_SIGNALS

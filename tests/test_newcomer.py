@@ -1,4 +1,4 @@
-"""What a new user trips over (issue 15, item 7 and friends): each check would have failed before."""
+"""What a new user trips over on a first read and a first run; each check once failed."""
 from __future__ import annotations
 
 from conftest import run_cli
@@ -27,3 +27,23 @@ def test_demo_table_can_hold_any_registered_methods(tmp_path, capsys):
     assert "| SGD |" in table and "| LOOKSAM |" in table
     with pytest.raises(UserError, match="unknown method 'lookasm'"):
         demo([], tmp_path, methods=("lookasm",))
+
+
+def test_installing_prints_no_setuptools_warnings(monkeypatch):
+    """`make install` once printed ~40 lines of deprecation warnings about pyproject's `license`:
+    the configuration setuptools reads (>= 77, as the build requires) warns of nothing."""
+    import warnings
+
+    import pytest
+
+    from conftest import REPO
+
+    pytest.importorskip("setuptools", minversion="77")  # older ones cannot read an SPDX license
+    from setuptools.config.pyprojecttoml import apply_configuration
+    from setuptools.dist import Distribution
+
+    monkeypatch.chdir(REPO)  # readme = "README.md" is found from there, as a build finds it
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        apply_configuration(Distribution(), "pyproject.toml")
+    assert [str(w.message) for w in caught] == []

@@ -25,7 +25,7 @@ import torch
 from conftest import REPO, compose_cfg, run_cli
 from esam.errors import UserError
 from esam.runtime import atomic_torch_save, atomic_write_json, atomic_write_text, load_checkpoint
-from esam.trainer import NonFiniteLossError, Trainer
+from esam.engine import NonFiniteLossError, Trainer
 
 EPOCHS, STEPS = 4, 4  # steps per epoch
 TINY = ["dataset=digits", "model=resnet_digits", "dataset.batch_size=32",
@@ -332,13 +332,18 @@ LONG = ["trainer.limit_train_batches=0", "dataset.batch_size=16", "trainer.epoch
 def _popen(run_dir: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0"}
     args = [*TINY, *LONG, f"hydra.run.dir={run_dir}", *extra]
+    # A child inherits an ignored SIGINT (pytest run in the background of a script), and a
+    # process started so keeps ignoring Ctrl-C: give it the terminal's default.
+    ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     return subprocess.Popen([sys.executable, "-m", "esam.train", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) if ignored else None)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=lambda s: s.name)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT], ids=lambda s: s.name)
 def test_signal_to_training_process_saves_and_resumes(tmp_path, sig):
+    """SIGTERM (kill), SIGUSR1 (Slurm) and Ctrl-C (SIGINT, exit 130 like a shell's) alike."""
     proc = _popen(tmp_path)
     try:
         deadline = time.monotonic() + 180
@@ -354,6 +359,8 @@ def test_signal_to_training_process_saves_and_resumes(tmp_path, sig):
             proc.kill()
     assert proc.returncode == 128 + sig, (out, err)
     assert f"received {sig.name}" in out and TRACEBACK not in err
+    if sig == signal.SIGINT:  # the first Ctrl-C is answered at once, and says how to quit sooner
+        assert "Ctrl-C: stopping after this step with a checkpoint" in err and "KeyboardInterrupt" not in err
     ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     assert 1 <= ckpt["epoch"] < 3 and ckpt["step_in_epoch"] > 0 and finite_weights(ckpt["model"])
     assert len(metrics(tmp_path)) == ckpt["epoch"]
@@ -363,6 +370,8 @@ def test_signal_to_training_process_saves_and_resumes(tmp_path, sig):
     line, = [x for x in out.splitlines() if x.startswith(f"received {sig.name}")]
     command = shlex.split(line.split("to continue, run: ", 1)[1])
     assert command[:3] == ["python", "-m", "esam.train"] and command[-1] == f"trainer.resume={tmp_path}"
+    if sig == signal.SIGINT:
+        return  # the same checkpoint and command as SIGTERM's: the resume itself is checked there
     done = run_cli(command[3:])
     assert done.returncode == 0, done.stderr
     assert "resumed from" in done.stdout
@@ -460,13 +469,22 @@ BAD_INPUT = {
     "batch_too_large": (["dataset.batch_size=100000"], ["dataset.batch_size", "1437"], True),
     "epochs_zero": (["trainer.epochs=0"], ["trainer.epochs", ">= 1"], True),
     "missing_dataset": (lambda t: ["dataset=cifar10", f"dataset.root={t / 'empty'}", "dataset.download=false"],
-                        ["cifar10", "not found", "download"], True),
+                        ["cifar10", "not found", "dataset.root=", "download"], True),
+    "schema_as_option": (["optimizer=esam_schema"], ["optimizer=esam_schema", "schema", "choose one of", "sam, sgd"], True),
     "unwritable_output": (lambda t: [_under_a_file(t)], ["output folder", "a_file", "not a folder"], True),
     "corrupt_checkpoint": (lambda t: [f"trainer.resume={_corrupt(t)}"], ["garbage.pt", "corrupt"], True),
     "truncated_checkpoint": (lambda t: [f"trainer.resume={_truncated(t)}"], ["truncated.pt", "truncated"], True),
     "missing_checkpoint": (lambda t: [f"trainer.resume={t / 'nope.pt'}"], ["nope.pt", "does not exist"], True),
     "not_a_checkpoint": (lambda t: [f"trainer.resume={_foreign(t)}"], ["foreign.pt", "not an esam"], True),
 }
+
+
+def test_a_run_that_fails_before_training_leaves_no_folder(tmp_path):
+    """Not its run folder, nor the outputs/<experiment>/<name>/seed0/ that Hydra made for it."""
+    res = run_cli([*TINY, "dataset=cifar10", f"dataset.root={tmp_path / 'data'}", "dataset.download=false"],
+                  cwd=tmp_path, timeout=300)
+    assert res.returncode == 2 and "dataset.root=" in res.stderr, res.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def _foreign(tmp_path: Path) -> str:

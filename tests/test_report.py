@@ -236,7 +236,7 @@ def test_wandb_runs_convert_to_the_same_rows():
     assert runs[0].summary["perf/extra_vs_sgd_pct"] == pytest.approx(0.0)
 
 
-# -- hardware labels (issue 15 item 5) ----------------------------------------------------------
+# -- hardware labels: one machine, one name -----------------------------------------------------
 def test_device_name_is_the_cpu_model_not_the_architecture(tmp_path, monkeypatch):
     import platform
 
@@ -269,7 +269,7 @@ def test_sgd_baseline_never_crosses_hardware_labels(tmp_path):
     assert sam.compute_vs_sgd_pct == pytest.approx(200.0)  # 800/400, not against the x86_64 SGD's 1000
 
 
-# -- one cell = one configuration; a repeated seed counts once (issue 15 item 3) ---------------
+# -- one cell = one configuration; a repeated seed counts once ---------------------------------
 def digits_run(experiment: str, optimizer: str, seed: int, acc: float, *, lr: float = 0.05, noise: float = 0.0,
                finished: float | None = None, **extra) -> dict:
     """A summary as the trainer writes it (with the resolved config), on digits, CPU."""
@@ -338,7 +338,7 @@ def test_cells_split_by_experiment_hyperparameters_and_data(tmp_path):
     assert "| digits | digits (label_noise=0.2) |" in md and "| SGD | lr=0.1 |" in md
 
 
-# -- accuracy at equal compute (issue 13) -------------------------------------------------------
+# -- accuracy at equal compute ------------------------------------------------------------------
 def test_pareto_front_is_what_nothing_cheaper_beats():
     x = [1.0, 2.0, 2.0, 3.0, 4.0, math.nan, 0.5]
     y = [80.0, 85.0, 84.0, 85.0, 90.0, 99.0, 70.0]
@@ -419,6 +419,21 @@ def test_equal_compute_sweep_composes_every_registered_method_at_each_budget():
             assert cfg.trainer.budget == 5.0 and cfg.dataset.label_noise > 0  # digits_noisy
         # Another dataset from the command line wins over the sweep's default.
         assert compose("train", overrides=["+sweep=equal_compute", "dataset=digits"]).dataset.label_noise == 0.0
+
+
+def test_equal_compute_epochs_in_the_docs_follow_the_declared_costs():
+    """"SAM about E/2, ESAM about E/1.7" (docs/usage.md and the sweep's header): each divisor is
+    the method's declared cost relative to SGD's, as docs/methods.md lists it."""
+    import re
+
+    from conftest import REPO
+    from esam.optim import METHODS
+
+    for path in (REPO / "docs" / "usage.md", REPO / "conf" / "sweep" / "equal_compute.yaml"):
+        text = " ".join(path.read_text().replace("#", " ").split())
+        for method in ("SAM", "ESAM"):
+            divisor, = re.findall(rf"\b{method} about E/([0-9]+(?:\.[0-9]+)?)", text)
+            assert float(divisor) == pytest.approx(METHODS[method.lower()].relative_cost(), abs=0.05), (path, method)
 
 
 def test_equal_compute_sweep_end_to_end(tmp_path):

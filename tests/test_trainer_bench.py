@@ -24,12 +24,6 @@ def test_compare_reports_both_sides_and_their_ratio():
     assert "| bench: bare SGD steps |" in text and "% of bench SGD" in text
 
 
-def test_old_module_name_still_works():
-    from esam import trainer_bench
-
-    assert trainer_bench.compare is compare and trainer_bench.main is main
-
-
 def test_default_run_writes_outside_results_and_min_pct_fails_loudly(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = ["--steps", "1", "--rounds", "1", "--model", "resnet_digits", "--batch-size", "16",

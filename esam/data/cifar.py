@@ -35,7 +35,8 @@ def load_cifar_arrays(name: str, root: str, download: bool) -> tuple[np.ndarray,
         how = ("the download failed" if download else "dataset.download=false")
         raise UserError(
             f"{name} not found in {where} and {how} ({type(e).__name__}: {e}); "
-            f"get it with dataset.download=true on a machine with internet, or fetch {URLS[name]} "
+            f"if it is elsewhere, pass dataset.root=<the folder that holds {FOLDERS[name]}>; "
+            f"else get it with dataset.download=true on a machine with internet, or fetch {URLS[name]} "
             f"and extract it into {os.path.abspath(root)}"
         ) from None
     return train.data, np.asarray(train.targets), test.data, np.asarray(test.targets)

@@ -23,7 +23,7 @@ STD = (0.229, 0.224, 0.225)
 LAYOUT = (
     "lay it out as <root>/train/<class>/<image>.JPEG and <root>/val/<class>/<image>.JPEG with the "
     "same class folders (the 1000 wnids; sort the validation images into them, e.g. with "
-    "pytorch/examples' imagenet/extract_ILSVRC.sh) and point dataset.root at <root>"
+    "pytorch/examples' imagenet/extract_ILSVRC.sh) and pass dataset.root=<root>"
 )
 
 

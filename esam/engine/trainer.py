@@ -3,7 +3,7 @@
 It drives any optimizer through ``optimizer.step(closure)`` and never asks which method it is:
 the method's own statistics come from ``optimizer.last_stats`` (logged as ``method_<key>``, wandb ``method/<key>``) and
 its cost from ``optimizer.last_cost``. Per epoch it appends one line to ``metrics.jsonl``; at
-the end it writes ``summary.json``; every ``checkpoint_every`` epochs and on SIGTERM/SIGUSR1 it
+the end it writes ``summary.json``; every ``checkpoint_every`` epochs and on SIGTERM/SIGUSR1/Ctrl-C it
 writes ``checkpoints/last.pt`` (atomically), from which a resumed run continues with the same
 numbers it would have produced without the stop.
 
@@ -52,7 +52,7 @@ class Trainer:
         self.files = RunFiles(self.run.run_dir, self.run.dist.is_main)
         self.state = Progress()
         self.acc: EpochAccumulator | None = None   # the current epoch's sums
-        self.signals = StopSignals()
+        self.signals = StopSignals(announce=self.run.dist.is_main)
         self.watch = NonFiniteWatch(self.run.device)
         self.timer = StepTimer(self.run.device)
         self._t_start: float | None = None

@@ -10,12 +10,12 @@ from esam.optim.esam import ESAM
 from esam.optim.registry import (METHODS, MethodInfo, build_from_spec, build_optimizer, get_method,
                                   optimizer_kwargs, register_method)
 from esam.optim.sam import SAM
-from esam.optim.msam import MSAM  # noqa: F401  (issue 12: registers msam)
+from esam.optim.msam import MSAM  # noqa: F401  (registers msam)
 from esam.optim.switching import AESAM, RST, LateSAM  # noqa: F401  (latesam, rst, aesam)
-from esam.optim.gsam import GSAM  # noqa: F401  (issue 12: registers gsam)
+from esam.optim.gsam import GSAM  # noqa: F401  (registers gsam)
 from esam.optim.ksam import KSAM  # noqa: F401
 from esam.optim.looksam import LookSAM  # noqa: F401
-from esam.optim.saf import MESA, SAF  # noqa: F401  (issue 12: registers saf and mesa)
+from esam.optim.saf import MESA, SAF  # noqa: F401  (registers saf and mesa)
 
 __all__ = ["make_closure", "BatchClosure", "SGD", "BaseOnly", "SAM", "ESAM", "SharpnessAwareOptimizer", "BASE_OPTIMIZERS",
            "resolve_base_optimizer", "METHODS", "MethodInfo", "build_optimizer", "build_from_spec",
