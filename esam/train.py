@@ -61,6 +61,42 @@ class CheckOutputDir(Callback):
         self._check(config.hydra.sweep.dir)
 
 
+def added_key_problem(cfg: DictConfig, overrides: list[str]) -> str | None:
+    """Why a ``+key=value`` override adds a key no schema knows, or None.
+
+    Hydra suggests ``+trainer.epoch=2`` when ``trainer.epoch=2`` fails, and ``+`` then adds the
+    key to the schema-typed node, where nothing reads it: a run that looks configured and is not.
+    A ``+`` key is fine only under a free-form mapping (``model.args``, the bench's ``variants``)
+    or as a config group (``+recipe=``, ``+sweep=``)."""
+    import dataclasses
+    import difflib
+
+    from omegaconf import OmegaConf
+
+    for text in overrides:
+        if not text.startswith("+"):
+            continue
+        key = text.lstrip("+").partition("=")[0].strip()
+        if "@" in key or (Path(CONFIG_DIR) / key.replace(".", "/")).is_dir():
+            continue  # a config group (+recipe=..., +sweep=..., +optimizer/base=...)
+        parent, _, last = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        if parent and not isinstance(node, DictConfig):
+            continue
+        schema = OmegaConf.get_type(node) if parent else None
+        if parent and not dataclasses.is_dataclass(schema):
+            continue  # a free-form mapping: any key is the user's to add
+        known = ([f.name for f in dataclasses.fields(schema)] if schema is not None
+                 else [str(k) for k in node.keys() if str(k) != last])
+        near = difflib.get_close_matches(last, known, n=3)
+        where = f"{parent}." if parent else ""
+        hint = (f"did you mean {', '.join(where + k for k in near)}?" if near
+                else f"the keys there: {', '.join(where + k for k in sorted(known))}")
+        return (f"{text.partition('=')[0]} adds {key}, which no setting reads; {hint} "
+                "(python -m esam.train --cfg job lists every setting)")
+    return None
+
+
 def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Train one run described by ``cfg`` into ``run_dir``; returns the summary."""
     from esam.engine import Trainer
@@ -167,6 +203,8 @@ def main(cfg: DictConfig) -> float | None:
         # continue from checkpoints/last.pt, not start over. A first run finds none and starts fresh.
         cfg.trainer.resume = "auto"
     try:
+        if (problem := added_key_problem(cfg, list(HydraConfig.get().overrides.task))) is not None:
+            raise UserError(problem)
         summary = run(cfg, run_dir)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

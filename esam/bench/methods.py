@@ -68,7 +68,8 @@ def registered_options() -> list[str]:
 
 
 def _compose_option(option: str, base: str | None) -> DictConfig:
-    overrides = [f"+optimizer={option}"] + ([f"optimizer/base={base}"] if base else [])
+    # +sam=ours: the SAM terms the SAM-based methods read (${sam.rho}, ...), at the constructors' defaults.
+    overrides = [f"+optimizer={option}", "+sam=ours"] + ([f"optimizer/base={base}"] if base else [])
     # Inside `python -m esam.bench` Hydra is initialised on conf/; in tests and scripts it is not.
     if GlobalHydra.instance().is_initialized():
         return compose(overrides=overrides).optimizer
