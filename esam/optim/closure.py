@@ -35,6 +35,25 @@ class BatchClosure:
         self.on_forward_end = on_forward_end  # the bench's per-phase timer cuts here
         self.batch_size, self.device = int(y.shape[0]), y.device
         self.first_logits: torch.Tensor | None = None
+        self._filled: torch.Tensor | None = None  # rows of first_logits written, while not all are
+
+    def _record_first_logits(self, indices: torch.Tensor | None, logits: torch.Tensor) -> None:
+        """Each row's logits from the first call that saw it: the pass at w, also when m-sharpness
+        runs the batch chunk by chunk (no host sync: a where, not a mask read)."""
+        if self.first_logits is None and indices is None:
+            self.first_logits = logits  # the usual case: the first call is the whole batch
+            return
+        if self.first_logits is None:
+            self.first_logits = logits.new_zeros((self.batch_size, *logits.shape[1:]))
+            self._filled = torch.zeros(self.batch_size, dtype=torch.bool, device=logits.device)
+        if self._filled is None:  # every row already has its first logits
+            return
+        if indices is None:
+            indices = torch.arange(self.batch_size, device=logits.device)
+        seen = self._filled.index_select(0, indices).reshape(-1, *([1] * (logits.dim() - 1)))
+        current = self.first_logits.index_select(0, indices)
+        self.first_logits.index_copy_(0, indices, torch.where(seen, current, logits.to(current.dtype)))
+        self._filled.index_fill_(0, indices, True)
 
     def __call__(self, indices: torch.Tensor | None = None, *,
                  return_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -45,8 +64,7 @@ class BatchClosure:
                 xb = xb.contiguous(memory_format=torch.channels_last)
         with self.autocast():
             logits = self.model(xb)
-        if self.first_logits is None:
-            self.first_logits = logits.detach()
+        self._record_first_logits(indices, logits.detach())
         # Half-precision logits are scored in fp32; fp32/fp64 ones keep their precision.
         losses = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), yb, reduction="none",
                                  label_smoothing=self.label_smoothing)
