@@ -131,7 +131,11 @@ def _schema_type(annotation: Any, owner: str, key: str) -> Any:
     ``Literal[...]`` of strings -> an Enum of those values (so a bad value fails at compose time)."""
     args = typing.get_args(annotation)
     if typing.get_origin(annotation) is typing.Literal:
-        return Enum(f"{owner}_{key}", {str(a): a for a in args}, type=str)
+        # One Enum per choice set, a module attribute so that configs holding it pickle (checkpoints).
+        name = "Choice_" + "_".join([key, *map(str, args)])
+        if name not in globals():
+            globals()[name] = Enum(name, {str(a): a for a in args}, type=str, module=__name__, qualname=name)
+        return globals()[name]
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
         rest = [a for a in args if a is not type(None)]
         if len(rest) == 1 and len(args) == 2:
@@ -206,6 +210,11 @@ def register_configs() -> None:
 
 
 register_configs()
+
+# The names the hand-written enums had, so checkpoints pickled before the schemas were generated load.
+BNStats, Selection = globals()["Choice_bn_stats_first_all"], globals()["Choice_selection_topk_authors"]
+Inner, PSchedule = globals()["Choice_inner_sam_esam"], globals()["Choice_schedule_constant_linear_cosine"]
+SAFMemory = globals()["Choice_memory_device_cpu_device"]
 
 
 # -- the overhead benchmark (python -m esam.bench; conf/bench.yaml) ---------------------------
