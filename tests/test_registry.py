@@ -258,3 +258,32 @@ def test_optimizer_yaml_states_only_what_differs_from_the_constructor(name):
     cfg = compose_cfg([f"optimizer={name}"]).optimizer
     for k, v in defaults.items():  # and the composed config carries the constructor's values
         assert getattr(cfg[k], "value", cfg[k]) == v, (name, k)
+
+
+# -- one registry helper for methods, models and datasets; no import circle ---------------------
+def test_the_three_registries_share_one_helper_and_its_sentences():
+    from esam.data import DATASETS, build_data
+    from esam.models import MODELS, build_model
+    from esam.registry import Registry
+
+    assert all(isinstance(r, Registry) for r in (METHODS, MODELS, DATASETS))
+    with pytest.raises(UserError, match=r"^unknown dataset 'cifar11'; allowed: cifar10, cifar100, "):
+        build_data("cifar11")
+    with pytest.raises(UserError, match=r"^unknown model 'resnt18'; allowed: "):
+        build_model("resnt18", num_classes=10)
+
+
+def test_a_misspelt_model_args_key_is_one_sentence():
+    from esam.models import build_model
+
+    with pytest.raises(UserError, match=r"^model resnet18: unknown key widht \(model.args.widht\); allowed: init$"):
+        build_model("resnet18", num_classes=10, widht=2)
+
+
+def test_methods_never_import_the_registry():
+    """Registration is one visible list in esam/optim/registry.py; the algorithms know nothing of it."""
+    from conftest import REPO
+
+    for path in (REPO / "esam" / "optim").glob("*.py"):
+        if path.name not in ("registry.py", "__init__.py"):
+            assert "esam.optim.registry" not in path.read_text(), f"{path.name} imports the registry"
