@@ -119,7 +119,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     def __init__(
         self,
         params: Iterable,
-        base_optimizer: str | type = "sgd",
+        base_optimizer: str | type | torch.optim.Optimizer = "sgd",
         *,
         model: nn.Module | None = None,
         seed: int | None = None,

@@ -21,7 +21,17 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from esam.errors import UserError
 from esam.optim.base import resolve_base_optimizer
+from esam.optim.esam import ESAM, esam_cost
+from esam.optim.gsam import GSAM
+from esam.optim.ksam import KSAM
+from esam.optim.looksam import LookSAM, looksam_cost
+from esam.optim.msam import MSAM
+from esam.optim.saf import MESA, SAF
+from esam.optim.sam import SAM
+from esam.optim.sgd import BaseOnly
+from esam.optim.switching import AESAM, RST, SWITCH_STATS, LateSAM, aesam_cost, latesam_cost, rst_cost
 from esam.registry import Registry, keyword_names, refuse_unknown_keys
 
 SGD_UNITS = 3.0  # one forward (1) + one backward (2) per sample
@@ -94,8 +104,6 @@ def build_optimizer(name: str, params: Iterable[torch.Tensor], **kwargs: Any):
 
     A key the method does not take (its own or its base optimizer's) or a bad value is a
     :class:`UserError` of one sentence naming the method and the keys it does take."""
-    from esam.errors import UserError
-
     info = get_method(name)
     allowed = allowed_keys(info, kwargs.get("base_optimizer", "sgd"))
     if allowed is not None:
@@ -131,16 +139,6 @@ def build_from_spec(spec: dict[str, Any], params: Iterable[torch.Tensor], **extr
 
 # -- the methods, in one visible list (timm's _register_default_optimizers) ---------------------
 def _register_default_methods() -> None:
-    from esam.optim.esam import ESAM, esam_cost
-    from esam.optim.gsam import GSAM
-    from esam.optim.ksam import KSAM
-    from esam.optim.looksam import LookSAM, looksam_cost
-    from esam.optim.msam import MSAM
-    from esam.optim.saf import MESA, SAF
-    from esam.optim.sam import SAM
-    from esam.optim.sgd import BaseOnly
-    from esam.optim.switching import AESAM, RST, SWITCH_STATS, LateSAM, aesam_cost, latesam_cost, rst_cost
-
     sam_stats = {"sharpness": "mean loss rise L(w+e) - L(w) over the batch"}
     for info in (
         MethodInfo(

@@ -65,10 +65,6 @@ class SAM(SharpnessAwareOptimizer):
         if not rho >= 0.0:
             raise ValueError(f"rho must be >= 0, got rho={rho}")
         super().__init__(params, base_optimizer, model=model, seed=seed, **base_kwargs)
-        self._init_sam(rho=rho, adaptive=adaptive, m=m, bn_stats=bn_stats, eps=eps)
-
-    def _init_sam(self, *, rho: float, adaptive: bool, m: int | None, bn_stats: str, eps: float) -> None:
-        """What every SAM-based method sets up: rho and adaptive in the groups, m, bn_stats, eps."""
         self.m, self.bn_stats = check_m(m), check_choice("bn_stats", bn_stats, BNStats)
         # In the defaults too, so that add_param_group() gives new groups rho and adaptive.
         for d in (self.defaults, self.base_optimizer.defaults):
