@@ -305,3 +305,19 @@ def test_m_equal_to_the_batch_is_m_none_for_every_sam_based_method(name):
             opt.step(make_closure(model, x, y))
         runs.append(weights(model) + list(model.buffers()))
     assert_all_equal(*runs)
+
+
+@pytest.mark.parametrize("name", ["sam", "ksam", "looksam"])
+def test_first_logits_cover_the_whole_batch_at_w_under_m(name):
+    """The trainer's train accuracy reads closure.first_logits: with chunks, each row's logits at w."""
+    from esam.optim import build_optimizer
+
+    model = mlp()
+    x, y = batches("mlp", 1, n=12)[0]
+    with torch.no_grad():
+        at_w = model(x)
+    opt = build_optimizer(name, model.parameters(), rho=RHO, m=4, **KW)
+    closure = make_closure(model, x, y)
+    opt.step(closure)
+    assert closure.first_logits.shape == at_w.shape
+    torch.testing.assert_close(closure.first_logits, at_w, **TIGHT)
