@@ -107,11 +107,30 @@ def test_m_sharpness_cost_and_stats_are_per_chunk_means():
     assert opt.last_cost == pytest.approx(1 + 2 + 1 + 1.5)  # fwd, full bwd, select fwd, half of 3
 
 
-def test_m_must_divide_the_batch_and_needs_the_batch_size():
+def test_a_batch_m_does_not_divide_is_cut_into_near_equal_chunks():
+    """An epoch's short last batch (CIFAR: 50,000 = 390 x 128 + 80) must not stop an m=64 run:
+    80 samples are 2 chunks of 40, as 2 DDP ranks of 64 share it. 12 at m=5: 3 chunks of 4."""
+    data = batches("mlp", 3, n=12)
+    four = run(lambda mod: SAM(mod.parameters(), rho=RHO, m=4, **KW), mlp(), data)
+    five = run(lambda mod: SAM(mod.parameters(), rho=RHO, m=5, **KW), mlp(), data)
+    assert_all_equal(five, four)
+    model = mlp()
+    x, y = batches("mlp", 1, n=10)[0]
+    seen = []
+    inner = make_closure(model, x, y)
+
+    def closure(indices=None):
+        seen.append(None if indices is None else indices.tolist())
+        return inner(indices)
+
+    closure.batch_size = 10
+    SAM(model.parameters(), rho=RHO, m=4, **KW).step(closure)
+    assert seen[::2] == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]  # each chunk's first pass
+
+
+def test_m_needs_the_batch_size_and_a_positive_int():
     model = mlp()
     x, y = batches("mlp", 1, n=12)[0]
-    with pytest.raises(ValueError, match="m=5 must divide the batch of 12"):
-        SAM(model.parameters(), m=5, **KW).step(make_closure(model, x, y))
     with pytest.raises(ValueError, match="closure.batch_size"):
         SAM(model.parameters(), m=4, **KW).step(lambda idx=None: nn.functional.cross_entropy(
             model(x if idx is None else x[idx]), y if idx is None else y[idx], reduction="none"))

@@ -41,7 +41,8 @@ class SAM(SharpnessAwareOptimizer):
     each with its own first pass, perturbation and second pass at its own w+e; the update
     uses the mean of the chunks' second-pass gradients. That is what B/m DDP ranks of
     per-rank batch m compute (the first backward stays local), on one device. ``None`` = the
-    whole batch. Needs ``closure.batch_size`` (set by :func:`esam.optim.make_closure`).
+    whole batch. Needs ``closure.batch_size`` (set by :func:`esam.optim.make_closure`). A batch
+    m does not divide (an epoch's short last batch) is cut into ceil(B/m) near-equal chunks.
     ``bn_stats``: ``"first"`` = BatchNorm running statistics are updated by the first pass
     only (ours); ``"all"`` = by every forward, as in the authors' code. With chunks, only
     the first chunk touches them, as DDP keeps rank 0's buffers (broadcast_buffers).
@@ -122,12 +123,12 @@ class SAM(SharpnessAwareOptimizer):
         if n is None:
             raise ValueError("m-sharpness needs closure.batch_size (build the closure with "
                              "esam.optim.make_closure, or set the attribute)")
-        if n % self.m:
-            raise ValueError(f"m={self.m} must divide the batch of {n} samples (per process under DDP)")
-        if n == self.m:
+        if n <= self.m:
             return [None]  # one chunk is the whole batch: exactly the m=None step
         device = getattr(closure, "device", None)
-        return list(torch.arange(n, device=device).split(self.m))
+        # A batch m does not divide (the epoch's last, short one) is cut into ceil(n/m) chunks as
+        # equal as possible, as DDP ranks share a short last batch (80 = 2 x 40 at m = 64).
+        return list(torch.arange(n, device=device).tensor_split(-(-n // self.m)))
 
     def take_grads(self) -> list[torch.Tensor | None]:
         """The trainable tensors' ``.grad`` (to carry into a later chunk's second pass), then
