@@ -5,12 +5,16 @@ so Hydra merges it onto the dataclass below and rejects unknown keys.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import types
+import typing
+from dataclasses import dataclass, field, make_dataclass
 from enum import Enum
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
+
+from esam.optim.registry import method_hparams
 
 
 class Precision(str, Enum):
@@ -126,30 +130,42 @@ class OptimizerConfig:
     base: Any = MISSING          # conf/optimizer/base/<name>.yaml: the base optimizer and its own args
 
 
-class BNStats(str, Enum):
-    first = "first"  # running statistics from the first pass only (ours)
-    all = "all"      # from every forward, as the ESAM authors' code
+def _schema_type(annotation: Any, owner: str, key: str) -> Any:
+    """A constructor annotation as OmegaConf takes it: ``X | None`` -> Optional[X]; a
+    ``Literal[...]`` of strings -> an Enum of those values (so a bad value fails at compose time)."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is typing.Literal:
+        # One Enum per choice set, a module attribute so that configs holding it pickle (checkpoints).
+        name = "Choice_" + "_".join([key, *map(str, args)])
+        if name not in globals():
+            globals()[name] = Enum(name, {str(a): a for a in args}, type=str, module=__name__, qualname=name)
+        return globals()[name]
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1 and len(args) == 2:
+            return Optional[_schema_type(rest[0], owner, key)]
+        return Any
+    return annotation
 
 
-class Selection(str, Enum):
-    topk = "topk"        # exactly int(gamma * n) samples (ours)
-    authors = "authors"  # strictly above the k-th largest rise, all at gamma >= 0.99 (authors' code)
+def method_schema(name: str, cls: type) -> type:
+    """The Hydra schema of ``conf/optimizer/<name>.yaml``: OptimizerConfig's keys (lr, weight_decay,
+    base) plus the method's own constructor keywords, typed and defaulted by the constructor itself."""
+    hints = typing.get_type_hints(cls.__init__)
+    fields = []
+    for key, default in method_hparams(cls).items():
+        kind = _schema_type(hints.get(key, Any), cls.__name__, key)
+        if isinstance(kind, type) and issubclass(kind, Enum) and default is not None:
+            default = kind(default)
+        fields.append((key, kind, field(default=default)))
+    return make_dataclass(f"{cls.__name__}Config", fields, bases=(OptimizerConfig,))
 
 
-@dataclass
-class SAMConfig(OptimizerConfig):
-    rho: float = 0.05
-    adaptive: bool = False
-    m: Optional[int] = None      # m-sharpness: samples per perturbation (null = the whole per-process batch)
-    bn_stats: BNStats = BNStats.first
-    eps: float = 1e-12           # in rho / (||g|| + eps); davda54/sam 1e-12, the ESAM authors 1e-7
+def method_schemas() -> dict[str, type]:
+    """One schema per registered method (esam.optim.METHODS), generated from its signature."""
+    from esam.optim import METHODS
 
-
-@dataclass
-class ESAMConfig(SAMConfig):
-    beta: float = 0.6
-    gamma: float = 0.5
-    selection: Selection = Selection.topk
+    return {name: method_schema(name, info.cls) for name, info in METHODS.items()}
 
 
 @dataclass
@@ -198,14 +214,18 @@ def register_configs() -> None:
     for name, node in (("sgd_schema", SGDBaseConfig), ("adam_schema", AdamBaseConfig),
                        ("rmsprop_schema", RMSpropBaseConfig)):
         cs.store(group="optimizer/base", name=name, node=node)
-    cs.store(group="optimizer", name="sgd_schema", node=OptimizerConfig)
-    cs.store(group="optimizer", name="sam_schema", node=SAMConfig)
-    cs.store(group="optimizer", name="esam_schema", node=ESAMConfig)
+    for name, node in method_schemas().items():  # sgd_schema, sam_schema, esam_schema, ...
+        cs.store(group="optimizer", name=f"{name}_schema", node=node)
     cs.store(group="trainer", name="trainer_schema", node=TrainerConfig)
     cs.store(group="logger", name="logger_schema", node=LoggerConfig)
 
 
 register_configs()
+
+# The names the hand-written enums had, so checkpoints pickled before the schemas were generated load.
+BNStats, Selection = globals()["Choice_bn_stats_first_all"], globals()["Choice_selection_topk_authors"]
+Inner, PSchedule = globals()["Choice_inner_sam_esam"], globals()["Choice_schedule_constant_linear_cosine"]
+SAFMemory = globals()["Choice_memory_device_cpu_device"]
 
 
 # -- the overhead benchmark (python -m esam.bench; conf/bench.yaml) ---------------------------
@@ -264,127 +284,6 @@ class BenchConfig:
 
 
 ConfigStore.instance().store(name="bench_schema", node=BenchConfig)
-
-
-# -- the efficient-SAM field: LookSAM, GSAM, K-SAM --------------------------------------------
-# Their own rho/adaptive (not SAMConfig's), so SAM's m-sharpness keys never reach them.
-@dataclass
-class LookSAMConfig(OptimizerConfig):
-    rho: float = 0.05
-    adaptive: bool = False
-    k: int = 5                   # a SAM step every k steps
-    alpha: float = 0.7           # weight of the reused orthogonal component g_v (the paper's, k = 5)
-
-
-@dataclass
-class GSAMConfig(OptimizerConfig):
-    rho: float = 0.04            # rho_max: the radius at the peak lr
-    rho_min: float = 0.02        # the radius at lr_min
-    alpha: float = 0.01          # ascent along the part of g orthogonal to g_s
-    lr_min: float = 0.0
-    adaptive: bool = False
-
-
-@dataclass
-class KSAMConfig(OptimizerConfig):
-    rho: float = 0.05
-    k_frac: float = 0.36         # share of the batch (highest loss) in both SAM passes (unverified: ksam.yaml)
-    k: int = 0                   # a fixed count instead; 0 = use k_frac
-    adaptive: bool = False
-
-
-def register_efficient_sam_configs() -> None:
-    cs = ConfigStore.instance()
-    for name, node in (("looksam_schema", LookSAMConfig), ("gsam_schema", GSAMConfig),
-                       ("ksam_schema", KSAMConfig)):
-        cs.store(group="optimizer", name=name, node=node)
-
-
-register_efficient_sam_configs()
-
-
-# -- when to take the sharpness-aware step (late-phase SAM, RST, AE-SAM) and MSAM ---------------
-class Inner(str, Enum):
-    sam = "sam"    # the sharpness-aware step is SAM's
-    esam = "esam"  # ESAM's, with beta and gamma
-
-
-class PSchedule(str, Enum):
-    constant = "constant"
-    linear = "linear"
-    cosine = "cosine"
-
-
-@dataclass
-class SwitchingSAMConfig(ESAMConfig):
-    inner: Inner = Inner.sam     # beta, gamma and selection act only with inner=esam
-
-
-@dataclass
-class LateSAMConfig(SwitchingSAMConfig):
-    start: float = 0.875         # share of training before the first sharpness-aware step
-
-
-@dataclass
-class RSTConfig(SwitchingSAMConfig):
-    schedule: PSchedule = PSchedule.constant
-    p: float = 0.5               # probability of a sharpness-aware step (at the start if scheduled)
-    p_end: Optional[float] = None  # at the end of training, for schedule=linear|cosine
-
-
-@dataclass
-class AESAMConfig(SwitchingSAMConfig):
-    delta: float = 0.9           # EMA rate of the mean and variance of ||g||^2
-    lambda1: float = -1.0        # c_t = t lambda1 + (1 - t) lambda2, t = share of training done
-    lambda2: float = 1.0
-
-
-@dataclass
-class MSAMConfig(OptimizerConfig):
-    rho: float = 3.0             # perturbation length along -v/||v|| (the authors' CIFAR value)
-    eps: float = 1e-12           # in rho / (||v|| + eps), as the authors' code
-
-
-def register_switching_and_msam_configs() -> None:
-    cs = ConfigStore.instance()
-    for name, node in (("latesam_schema", LateSAMConfig), ("rst_schema", RSTConfig),
-                       ("aesam_schema", AESAMConfig), ("msam_schema", MSAMConfig)):
-        cs.store(group="optimizer", name=name, node=node)
-
-
-register_switching_and_msam_configs()
-
-
-# -- SAF and MESA (Du et al., NeurIPS 2022) -----------------------------------------------------
-class SAFMemory(str, Enum):
-    cpu = "cpu"        # host memory, as the authors (ImageNet's memory is ~20 GB); a sync per step
-    device = "device"  # beside the logits: no sync, for memories that fit (CIFAR: 8-80 MB)
-
-
-@dataclass
-class SAFConfig(OptimizerConfig):
-    lam: float = 0.3             # weight of the trajectory loss (the authors' --reinforce)
-    tau: float = 5.0             # softmax temperature of the trajectory KL
-    start: int = 5               # trajectory loss on in 0-based epochs > start (--kl_start_epoch)
-    lookback: int = 3            # E~: targets are each sample's logits from this many epochs ago
-    memory_device: SAFMemory = SAFMemory.cpu
-
-
-@dataclass
-class MESAConfig(OptimizerConfig):
-    lam: float = 0.8
-    tau: float = 5.0
-    start: int = 5
-    decay: float = 0.9998        # EMA of the weights: ema <- decay ema + (1 - decay) w, every step
-
-
-def register_saf_configs() -> None:
-    cs = ConfigStore.instance()
-    for name, node in (("saf_schema", SAFConfig), ("mesa_schema", MESAConfig)):
-        cs.store(group="optimizer", name=name, node=node)
-
-
-register_saf_configs()
 
 
 # The recipe layer (group sam, experiment=<recipe>_<method> for every cell): esam/recipes.py.

@@ -1,14 +1,26 @@
-"""The registered methods as a markdown table (docs/methods.md): name, paper, cost, statistics.
+"""The registered methods as a markdown table (docs/methods.md): name, paper, cost, statistics;
+the hyper-parameters and their defaults are read from each constructor's signature.
 
     python scripts/methods_table.py --output docs/methods.md
 """
 from __future__ import annotations
 
 import argparse
+import typing
 from pathlib import Path
 
 from esam.loggers import stat_key
 from esam.optim import METHODS
+
+
+def hparams_cell(info) -> str:
+    """``key=default`` for each constructor keyword, with the choices of a ``Literal`` one."""
+    hints = typing.get_type_hints(info.cls.__init__)
+    out = []
+    for k, v in info.hparams.items():
+        choices = typing.get_args(hints[k]) if typing.get_origin(hints.get(k)) is typing.Literal else ()
+        out.append(f"{k}={v}" + (f" ({'/'.join(choices)})" if choices else ""))
+    return ", ".join(out) or "-"
 
 
 def methods_markdown() -> str:
@@ -22,12 +34,16 @@ def methods_markdown() -> str:
              "|---|---|---:|---:|---|---|---|"]
     for name in sorted(METHODS, key=lambda n: (n != "sgd", METHODS[n].relative_cost(), n)):
         info = METHODS[name]
-        hp = ", ".join(f"{k}={v}" for k, v in info.hparams.items()) or "-"
+        hp = hparams_cell(info)
         stats = ", ".join(f"`{stat_key(k)}`" for k in info.stats) or "-"
         lines.append(f"| `{name}` | `{info.cls.__name__}` | {info.expected_cost():.2f} | "
                      f"{info.relative_cost():.2f}x | {hp} | {stats} | {info.paper} |")
     lines += ["", "What each step does, in one line:", ""]
     lines += [f"- `{n}`: {METHODS[n].description}" for n in sorted(METHODS) if METHODS[n].description]
+    inert = [(n, k, why) for n in sorted(METHODS) for k, why in METHODS[n].inert.items()]
+    if inert:
+        lines += ["", "Keys that never change the update (every other key does, tests/test_registry.py):", ""]
+        lines += [f"- `{n}` `{k}`: {why}" for n, k, why in inert]
     return "\n".join(lines) + "\n"
 
 

@@ -114,7 +114,7 @@ def test_state_dict_round_trip_keeps_the_emas_and_resumes_bit_for_bit(inside_eva
 @pytest.mark.parametrize("kwargs,key", [
     ({"delta": 0.0}, "delta"), ({"delta": 1.0}, "delta"), ({"delta": "fast"}, "delta"),
     ({"lambda1": float("inf")}, "lambda1"), ({"lambda2": None}, "lambda2"),
-    ({"m": 4}, "m"), ({"inner": "gsam"}, "inner"), ({"gamma": 0.0}, "gamma"), ({"rho": -1.0}, "rho"),
+    ({"m": 0}, "m"), ({"inner": "gsam"}, "inner"), ({"gamma": 0.0}, "gamma"), ({"rho": -1.0}, "rho"),
 ])
 def test_bad_arguments_raise_value_error_naming_them(kwargs, key):
     with pytest.raises(ValueError, match=key):

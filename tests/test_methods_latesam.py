@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from esam.optim import ESAM, METHODS, SGD, LateSAM
+from esam.optim import ESAM, METHODS, SAM, SGD, LateSAM
 from switch_helpers import CountingClosure, save_load, train_digits
 from test_optim import (LR, MOMENTUM, RHO, WD, Reference, assert_all_close, assert_all_equal, batches,
                         convnet, loss_and_grad, mlp, sam_perturbation, weights)
@@ -66,11 +66,12 @@ def test_start_zero_is_esam_and_start_one_is_sgd_bit_for_bit():
         assert_all_equal(runs[a][1], runs[b][1])
 
 
-def test_inner_sam_ignores_beta_gamma():
+def test_the_rule_holds_its_inner_step_on_its_own_base_optimizer():
     opt = LateSAM(mlp().parameters(), "sgd", inner="sam", beta=0.3, gamma=0.2, lr=LR)
-    assert (opt.beta, opt.gamma) == (1.0, 1.0)
+    assert type(opt.inner) is SAM  # beta and gamma take no part
+    assert opt.inner.base_optimizer is opt.base_optimizer and opt.inner.param_groups is opt.param_groups
     opt = LateSAM(mlp().parameters(), "sgd", inner="esam", beta=0.3, gamma=0.2, lr=LR)
-    assert (opt.beta, opt.gamma) == (0.3, 0.2)
+    assert type(opt.inner) is ESAM and (opt.inner.beta, opt.inner.gamma) == (0.3, 0.2)
 
 
 def test_expected_cost_is_sgd_then_the_inner_step():

@@ -16,6 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from switch_helpers import train_digits
 from ddp_helpers import ddp_weights
 from esam.optim import METHODS, SAM, SGD
+from esam.optim import make_closure as esam_closure
 from esam.optim.looksam import LookSAM
 from test_optim import (LR, MOMENTUM, RHO, TIGHT, WD, Reference, assert_all_close, assert_all_equal,
                         batch, batches, convnet, global_norm, loss_and_grad, make_closure, mlp,
@@ -233,14 +234,16 @@ def test_trains_through_the_shared_trainer(tmp_path):
 
 
 
-def test_ddp_ranks_share_g_v_and_equal_one_process_on_the_whole_batch(tmp_path):
+@pytest.mark.parametrize("m", [None, pytest.param(3, marks=pytest.mark.slow)])
+def test_ddp_ranks_share_g_v_and_equal_one_process_on_the_whole_batch(tmp_path, m):
+    """m=3: two chunks per rank of 6, g all-reduced by hand: one process with four chunks of 3."""
     rank0, rank1 = ddp_weights(
-        tmp_path, "looksam", dict(base_optimizer="sgd", rho=RHO, k=2, alpha=0.7, **KW), steps=4)
+        tmp_path, "looksam", dict(base_optimizer="sgd", rho=RHO, k=2, alpha=0.7, m=m, **KW), steps=4)
     assert_all_equal(rank0, rank1)  # reuse steps use the same g_v everywhere: the ranks stay in step
     model = mlp()
-    opt = LookSAM(model.parameters(), "sgd", rho=RHO, k=2, alpha=0.7, **KW)
+    opt = LookSAM(model.parameters(), "sgd", rho=RHO, k=2, alpha=0.7, m=m, **KW)
     for x, y in batches("mlp", 4, n=12):
-        opt.step(make_closure(model, x, y))
+        opt.step(esam_closure(model, x, y))  # carries batch_size, which m needs
     assert_all_close(rank0, weights(model), rtol=1e-9, atol=1e-11)
 
 

@@ -260,7 +260,8 @@ def test_bad_arguments_name_the_key(name, key, value):
 
 
 def test_registry_entries_carry_the_papers_defaults():
-    assert METHODS["saf"].hparams == {"lam": 0.3, "tau": 5.0, "start": 5, "lookback": 3, "memory_device": "cpu"}
+    assert METHODS["saf"].hparams == {"lam": 0.3, "tau": 5.0, "start": 5, "lookback": 3, "num_samples": None,
+                                      "memory_device": "cpu"}
     assert METHODS["mesa"].hparams == {"lam": 0.8, "tau": 5.0, "start": 5, "decay": 0.9998}
     assert METHODS["saf"].expected_cost() == 3.0 and METHODS["mesa"].expected_cost() == 4.0
 

@@ -162,3 +162,128 @@ def test_docs_methods_table_is_generated_from_the_registry():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     assert (REPO / "docs" / "methods.md").read_text() == mod.methods_markdown()
+
+
+# -- the constructor is the one declaration: every key it takes acts, every other is refused ----
+# For each method and key: a value other than the default, and (when the key acts only in some
+# setting) the other keys that setting needs. A key missing here fails the coverage test below.
+ACTING = {
+    "sam": {"rho": (0.2, {}), "adaptive": (True, {}), "m": (4, {}), "bn_stats": ("all", {}), "eps": (1.0, {})},
+    "esam": {"rho": (0.2, {}), "beta": (0.5, {}), "gamma": (1.0, {}), "adaptive": (True, {}), "m": (4, {}),
+             "bn_stats": ("all", {}), "selection": ("authors", {}), "eps": (1.0, {})},
+    "looksam": {"rho": (0.2, {}), "k": (2, {}), "alpha": (0.7, {}), "adaptive": (True, {}), "m": (4, {}),
+                "bn_stats": ("all", {}), "eps": (1.0, {})},
+    "gsam": {"rho": (0.2, {}), "rho_min": (0.04, {"lr_min": 0.01}), "alpha": (0.5, {}), "lr_min": (0.01, {}),
+             "adaptive": (True, {}), "m": (4, {}), "bn_stats": ("all", {}), "eps": (1.0, {})},
+    "ksam": {"rho": (0.2, {}), "k_frac": (0.5, {}), "k": (3, {}), "adaptive": (True, {}), "m": (4, {}),
+             "bn_stats": ("all", {}), "eps": (1.0, {})},
+    "msam": {"rho": (0.5, {}), "eps": (1.0, {})},
+    "saf": {"lam": (1.0, {"start": 0, "lookback": 1}), "tau": (1.0, {"start": 0, "lookback": 1}),
+            "start": (0, {"lookback": 1}), "lookback": (1, {"start": 0})},
+    "mesa": {"lam": (2.0, {"start": 0}), "tau": (1.0, {"start": 0}), "start": (0, {}),
+             "decay": (0.5, {"start": 0})},
+}
+_INNER = {"inner": ("esam", {}), "rho": (0.2, {}), "adaptive": (True, {}), "beta": (0.5, {"inner": "esam"}),
+          "gamma": (1.0, {"inner": "esam"}), "m": (4, {}), "bn_stats": ("all", {}),
+          "selection": ("authors", {"inner": "esam"}), "eps": (1.0, {})}
+ACTING["latesam"] = {"start": (0.5, {}), **{k: (v, {"start": 0.0, **c}) for k, (v, c) in _INNER.items()}}
+ACTING["rst"] = {"schedule": ("cosine", {"schedule": "linear", "p": 1.0, "p_end": 0.0}), "p": (1.0, {}),
+                 "p_end": (1.0, {"schedule": "linear", "p_end": 0.0}),
+                 **{k: (v, {"p": 1.0, **c}) for k, (v, c) in _INNER.items()}}
+ACTING["aesam"] = {"delta": (0.5, {}), "lambda1": (-20.0, {"lambda2": 10.0}), "lambda2": (10.0, {}),
+                   **{k: (v, {"lambda1": -5.0, "lambda2": -5.0, **c}) for k, (v, c) in _INNER.items()}}
+CASES = [(name, key) for name in NAMES for key in METHODS[name].hparams if key not in METHODS[name].inert]
+
+
+def test_every_key_of_every_method_is_covered_or_declared_inert():
+    for name in NAMES:
+        info = METHODS[name]
+        covered = set(ACTING.get(name, {})) | set(info.inert)
+        assert covered == set(info.hparams), f"{name}: {set(info.hparams) ^ covered}"
+        assert all(why for why in info.inert.values())  # an inert key says why
+
+
+def _trained_state(name, **kwargs):
+    model = convnet()
+    opt = build_optimizer(name, model.parameters(), model=model, seed=0, **KW, **kwargs)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 ** step)  # GSAM's rho follows the lr
+    for i, batch in enumerate(batches("convnet", 4, n=8)):
+        train(opt, model, [batch], start=i, total=4)
+        sched.step()
+    return weights(model) + [b.clone() for b in model.buffers()]
+
+
+@pytest.mark.parametrize("name,key", CASES)
+def test_every_accepted_key_changes_the_update(name, key):
+    """No knob is accepted and ignored: set to another value, it changes the weights or the BN buffers."""
+    value, context = ACTING[name][key]
+    assert value != METHODS[name].hparams[key]
+    base = _trained_state(name, **context)
+    changed = _trained_state(name, **{**context, key: value})
+    assert any(not torch.equal(a, b) for a, b in zip(base, changed)), f"{name}: {key}={value!r} changed nothing"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_key_the_method_does_not_declare_is_refused_naming_the_keys_it_takes(name):
+    own = set(METHODS[name].hparams)
+    foreign = next(k for k in ("m", "bn_stats", "beta", "k", "lam") if k not in own) if own != set() else "rho"
+    with pytest.raises(UserError) as err:
+        build_optimizer(name, convnet().parameters(), **KW, **{foreign: 1})
+    msg = str(err.value)
+    assert msg.startswith(f"optimizer {name}: unknown key {foreign} (optimizer.{foreign}); allowed: ")
+    assert "\n" not in msg and "base_optimizer" in msg and all(k in msg for k in own)
+
+
+def test_misspelt_base_keyword_names_base_optimizer_among_the_allowed():
+    with pytest.raises(UserError, match=r"unknown key base \(optimizer.base\); allowed: .*base_optimizer"):
+        build_optimizer("sam", convnet().parameters(), base="adamw", lr=0.1)
+
+
+def test_sam_based_methods_take_m_and_bn_stats_like_sam():
+    """Issue 20.3: every method that takes SAM's ascent step can run on the authors' terms."""
+    for name in ("sam", "esam", "looksam", "gsam", "ksam", "latesam", "rst", "aesam"):
+        assert {"m", "bn_stats", "rho", "adaptive", "eps"} <= set(METHODS[name].hparams), name
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_optimizer_yaml_states_only_what_differs_from_the_constructor(name):
+    """conf/optimizer/<name>.yaml restates no default: the schema (from the signature) holds them."""
+    from pathlib import Path
+
+    own = OmegaConf.to_container(OmegaConf.load(Path(CONFIG_DIR) / "optimizer" / f"{name}.yaml"))
+    defaults = METHODS[name].hparams
+    restated = {k: v for k, v in own.items() if k in defaults and v == defaults[k]}
+    assert not restated, f"conf/optimizer/{name}.yaml restates the constructor's {restated}"
+    assert not {"lr", "weight_decay"} & set(own), "lr and weight_decay come from the schema (esam.config)"
+    cfg = compose_cfg([f"optimizer={name}"]).optimizer
+    for k, v in defaults.items():  # and the composed config carries the constructor's values
+        assert getattr(cfg[k], "value", cfg[k]) == v, (name, k)
+
+
+# -- one registry helper for methods, models and datasets; no import circle ---------------------
+def test_the_three_registries_share_one_helper_and_its_sentences():
+    from esam.data import DATASETS, build_data
+    from esam.models import MODELS, build_model
+    from esam.registry import Registry
+
+    assert all(isinstance(r, Registry) for r in (METHODS, MODELS, DATASETS))
+    with pytest.raises(UserError, match=r"^unknown dataset 'cifar11'; allowed: cifar10, cifar100, "):
+        build_data("cifar11")
+    with pytest.raises(UserError, match=r"^unknown model 'resnt18'; allowed: "):
+        build_model("resnt18", num_classes=10)
+
+
+def test_a_misspelt_model_args_key_is_one_sentence():
+    from esam.models import build_model
+
+    with pytest.raises(UserError, match=r"^model resnet18: unknown key widht \(model.args.widht\); allowed: init$"):
+        build_model("resnet18", num_classes=10, widht=2)
+
+
+def test_methods_never_import_the_registry():
+    """Registration is one visible list in esam/optim/registry.py; the algorithms know nothing of it."""
+    from conftest import REPO
+
+    for path in (REPO / "esam" / "optim").glob("*.py"):
+        if path.name not in ("registry.py", "__init__.py"):
+            assert "esam.optim.registry" not in path.read_text(), f"{path.name} imports the registry"

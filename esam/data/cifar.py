@@ -7,7 +7,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from esam.data import DataBundle, loader_kwargs, register_dataset, tensor_bundle
+from esam.data.bundle import DataBundle, loader_kwargs, tensor_bundle
+from esam.data.registry import register_dataset
 from esam.errors import UserError
 
 # Per-channel statistics of the training sets (as in the SAM/ESAM reference code).

@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from esam.data import DataBundle, loader_kwargs, register_dataset, tensor_bundle
+from esam.data.bundle import DataBundle, loader_kwargs, tensor_bundle
+from esam.data.registry import register_dataset
 from esam.errors import UserError
 
 # The noisy label set is a property of the dataset, not of the run: a fixed seed (offset from the

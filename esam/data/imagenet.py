@@ -14,7 +14,8 @@ from typing import Any, Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from esam.data import DataBundle, check_batch_sizes, register_dataset
+from esam.data.bundle import DataBundle, check_batch_sizes
+from esam.data.registry import register_dataset
 from esam.data.tensor_loader import Augment, ShardedEpochs, _generator
 from esam.errors import UserError
 

@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from esam.data import DataBundle, loader_kwargs, register_dataset, tensor_bundle
+from esam.data.bundle import DataBundle, loader_kwargs, tensor_bundle
+from esam.data.registry import register_dataset
 
 
 @register_dataset("synthetic")

@@ -117,7 +117,8 @@ def make_writable(run_dir: Path, info: DistInfo) -> None:
         raise UserError(f"output folder {run_dir} is not writable ({e.strerror})") from None
 
 
-def build_optimizer(cfg: DictConfig, model: nn.Module, ddp_model: nn.Module, rank: int):
+def build_run_optimizer(cfg: DictConfig, model: nn.Module, ddp_model: nn.Module, rank: int):
+    """The run's method from the registry (esam.optim.build_from_spec), on this rank's seed."""
     # SWP draws differ per rank (as in the authors' code) but are fixed by the run's seed.
     # Ints only: hash() of a str is salted per process (PYTHONHASHSEED), which made ESAM
     # runs with the same seed differ from one process to the next.
@@ -162,7 +163,7 @@ def build_run(cfg: DictConfig, run_dir: str | Path) -> Run:
     if info.world_size > 1:
         ddp_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = build_optimizer(cfg, model, ddp_model, info.rank)
+    optimizer = build_run_optimizer(cfg, model, ddp_model, info.rank)
 
     limit = tc.limit_train_batches
     steps_per_epoch = min(len(data.train), limit) if limit > 0 else len(data.train)

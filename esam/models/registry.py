@@ -7,10 +7,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from esam.errors import UserError
+from esam.registry import Registry, keyword_names, refuse_unknown_keys
 
 ModelBuilder = Callable[..., nn.Module]
-MODELS: dict[str, ModelBuilder] = {}
+MODELS: Registry = Registry("model")
 
 
 @dataclass(frozen=True)
@@ -34,9 +34,7 @@ def register_model(
     """
 
     def add(fn: ModelBuilder) -> ModelBuilder:
-        if name in MODELS:
-            raise ValueError(f"model {name!r} is registered twice")
-        MODELS[name] = fn
+        MODELS.add(name, fn)
         NATIVE_SHAPES[name] = NativeShape(tuple(input_size), num_classes)
         return fn
 
@@ -44,9 +42,12 @@ def register_model(
 
 
 def build_model(name: str, num_classes: int, in_channels: int = 3, **kwargs: Any) -> nn.Module:
-    if name not in MODELS:
-        raise UserError(f"unknown model {name!r}; allowed: {', '.join(sorted(MODELS))}")
-    return MODELS[name](num_classes=num_classes, in_channels=in_channels, **kwargs)
+    """The registered model ``name``; a key its builder does not take (``model.args``) is one sentence."""
+    builder = MODELS.lookup(name)
+    allowed = keyword_names(builder, skip=("num_classes", "in_channels"))
+    if allowed is not None:
+        refuse_unknown_keys(f"model {name}", "model.args.", kwargs, allowed)
+    return builder(num_classes=num_classes, in_channels=in_channels, **kwargs)
 
 
 def build_model_on(name: str, *, num_classes: int, in_channels: int, device: Any, channels_last: bool,

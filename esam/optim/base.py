@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, get_args
 
 import torch
+import torch.distributed as dist
 from torch import nn
-
-from esam.optim.registry import MethodInfo, register_method
 
 Closure = Callable[..., torch.Tensor]
 PhaseHook = Callable[[str], None]
@@ -48,6 +47,18 @@ def resolve_base_optimizer(base: str | type) -> tuple[type[torch.optim.Optimizer
     )
 
 
+def check_choice(key: str, value: Any, choices: Any) -> str:
+    """``value`` if it is one of the ``Literal[...]`` type ``choices`` (an Enum's value counts),
+    else one ValueError naming the key and the allowed values. The constructor's annotation is the
+    one place the choices are written: the Hydra schema's Enum is generated from it."""
+    allowed = get_args(choices)
+    value = getattr(value, "value", value)
+    if value not in allowed:
+        names = " or ".join(repr(a) for a in allowed) if len(allowed) == 2 else "one of " + ", ".join(map(repr, allowed))
+        raise ValueError(f"{key} must be {names}, got {key}={value!r}")
+    return value
+
+
 # -- many tensors as one vector (the methods' norms, projections and updates) -------------
 def global_dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
     """<a, b> over all tensors as one vector (a 0-dim tensor on the first tensor's device)."""
@@ -75,6 +86,21 @@ def scaled_add_(dst: list[torch.Tensor], src: list[torch.Tensor], scale: torch.T
         d.add_(s * scale.to(s.device))
 
 
+def reduce_by_hand(model: nn.Module | None) -> bool:
+    """True under DDP with more than one rank: passes run under no_sync, the method all-reduces."""
+    return (callable(getattr(model, "no_sync", None)) and dist.is_available()
+            and dist.is_initialized() and dist.get_world_size() > 1)
+
+
+def all_reduce_mean(tensors: list[torch.Tensor]) -> None:
+    """Average ``tensors`` over the DDP ranks in one collective (flattened, then copied back)."""
+    flat = torch._utils._flatten_dense_tensors(tensors)
+    dist.all_reduce(flat)
+    flat.div_(dist.get_world_size())
+    for t, f in zip(tensors, torch._utils._unflatten_dense_tensors(flat, tensors)):
+        t.copy_(f)
+
+
 class SharpnessAwareOptimizer(torch.optim.Optimizer):
     """Shares the base optimizer's param groups, so schedulers and param groups act on both.
 
@@ -85,22 +111,30 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     random numbers; ``phase_hook`` is called with a phase name at each
     phase boundary so a benchmark can time the phases (it is never called by
     default, so the step stays free of host syncs).
+
+    ``base_optimizer`` may also be an optimizer *instance*: the method then steps that one (its
+    groups and state), which is how a switching rule holds an inner SAM/ESAM step on its own base.
     """
 
     def __init__(
         self,
         params: Iterable,
-        base_optimizer: str | type = "sgd",
+        base_optimizer: str | type | torch.optim.Optimizer = "sgd",
         *,
         model: nn.Module | None = None,
         seed: int | None = None,
         **base_kwargs: Any,
     ) -> None:
-        base_cls, implied = resolve_base_optimizer(base_optimizer)
-        params = list(params)
-        if not params:
-            raise ValueError("optimizer got an empty parameter list")
-        self.base_optimizer = base_cls(params, **{**implied, **base_kwargs})
+        if isinstance(base_optimizer, torch.optim.Optimizer):
+            if base_kwargs:
+                raise ValueError(f"a shared base optimizer takes no base keywords, got {', '.join(sorted(base_kwargs))}")
+            self.base_optimizer = base_optimizer
+        else:
+            base_cls, implied = resolve_base_optimizer(base_optimizer)
+            params = list(params)
+            if not params:
+                raise ValueError("optimizer got an empty parameter list")
+            self.base_optimizer = base_cls(params, **{**implied, **base_kwargs})
         # torch.optim.Optimizer.__init__ would build its own groups; we share the base's
         # so that an LR scheduler stepping this wrapper changes what the base uses.
         super().__init__(self.base_optimizer.param_groups, self.base_optimizer.defaults)
@@ -221,26 +255,3 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
 
     def step(self, closure: Closure, *, grad_scaler=None):  # pragma: no cover - abstract
         raise NotImplementedError
-
-
-class BaseOnly(SharpnessAwareOptimizer):
-    """The base optimizer alone (no sharpness-aware step), behind the same ``step(closure)``
-    interface: one forward and one backward. ``BaseOnly(params, 'sgd', momentum=0.9)`` is the
-    paper's SGD baseline; ``BaseOnly(params, 'adamw')`` is plain AdamW."""
-
-    def step(self, closure: Closure, *, grad_scaler=None) -> torch.Tensor:
-        losses = self._plain_step(closure, grad_scaler)
-        self.last_stats = {}
-        self.last_cost = 3.0
-        return losses
-
-
-SGD = BaseOnly  # the name the paper's tables use for the baseline (registry key "sgd")
-
-
-register_method(MethodInfo(
-    name="sgd", cls=BaseOnly,
-    paper="the base optimizer alone (SGD with momentum in the paper's tables)",
-    cost_units=lambda **_: 3.0,
-    description="one forward and one backward, then the base optimizer's step",
-))

@@ -3,9 +3,8 @@
 ``closure(indices=None)`` runs the model on the batch (or on ``indices`` of it) under the
 given autocast and returns per-sample losses with autograd on. It carries what the
 methods need to know about its batch: ``batch_size`` (m-sharpness chunks it), ``device``,
-``first_logits``, the detached logits of each batch row's first forward (the pass at w; with
-m-sharpness chunks each chunk's own first pass fills its rows), from which the trainer
-measures train accuracy without another forward, and ``sample_ids``, the
+``first_logits``, the detached logits of its first call (the pass at w), from which
+the trainer measures train accuracy without another forward, and ``sample_ids``, the
 dataset indices of the batch rows when the loader gave them (SAF's per-sample memory
 needs them; ``None`` otherwise). ``closure(return_logits=True)`` returns
 ``(losses, logits)``, the logits with autograd on, for methods whose loss reads the outputs
@@ -36,7 +35,25 @@ class BatchClosure:
         self.on_forward_end = on_forward_end  # the bench's per-phase timer cuts here
         self.batch_size, self.device = int(y.shape[0]), y.device
         self.first_logits: torch.Tensor | None = None
-        self._seen: torch.Tensor | None = None  # rows of first_logits filled so far (None: all)
+        self._filled: torch.Tensor | None = None  # rows of first_logits written, while not all are
+
+    def _record_first_logits(self, indices: torch.Tensor | None, logits: torch.Tensor) -> None:
+        """Each row's logits from the first call that saw it: the pass at w, also when m-sharpness
+        runs the batch chunk by chunk (no host sync: a where, not a mask read)."""
+        if self.first_logits is None and indices is None:
+            self.first_logits = logits  # the usual case: the first call is the whole batch
+            return
+        if self.first_logits is None:
+            self.first_logits = logits.new_zeros((self.batch_size, *logits.shape[1:]))
+            self._filled = torch.zeros(self.batch_size, dtype=torch.bool, device=logits.device)
+        if self._filled is None:  # every row already has its first logits
+            return
+        if indices is None:
+            indices = torch.arange(self.batch_size, device=logits.device)
+        seen = self._filled.index_select(0, indices).reshape(-1, *([1] * (logits.dim() - 1)))
+        current = self.first_logits.index_select(0, indices)
+        self.first_logits.index_copy_(0, indices, torch.where(seen, current, logits.to(current.dtype)))
+        self._filled.index_fill_(0, indices, True)
 
     def __call__(self, indices: torch.Tensor | None = None, *,
                  return_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -47,36 +64,13 @@ class BatchClosure:
                 xb = xb.contiguous(memory_format=torch.channels_last)
         with self.autocast():
             logits = self.model(xb)
-        self._keep_first_logits(logits.detach(), indices)
+        self._record_first_logits(indices, logits.detach())
         # Half-precision logits are scored in fp32; fp32/fp64 ones keep their precision.
         losses = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), yb, reduction="none",
                                  label_smoothing=self.label_smoothing)
         if self.on_forward_end is not None:
             self.on_forward_end()
         return (losses, logits) if return_logits else losses
-
-
-    def _keep_first_logits(self, logits: torch.Tensor, indices: torch.Tensor | None) -> None:
-        """Each row's logits from the first call that ran it, kept on the device (no host sync):
-        a method that takes its first pass chunk by chunk (m-sharpness) still yields logits
-        for the whole batch at w."""
-        if indices is None:
-            if self.first_logits is None:
-                self.first_logits = logits
-            elif self._seen is not None:  # rows no earlier call ran get this call's logits
-                fresh = ~self._seen
-                self.first_logits = torch.where(fresh[:, None], logits, self.first_logits)
-                self._seen = None
-            return
-        if self.first_logits is None:
-            self.first_logits = logits.new_zeros((self.batch_size,) + tuple(logits.shape[1:]))
-            self._seen = torch.zeros(self.batch_size, dtype=torch.bool, device=logits.device)
-        elif self._seen is None:
-            return  # every row already has its first logits
-        idx = indices.to(logits.device)
-        fresh = ~self._seen[idx]
-        self.first_logits[idx] = torch.where(fresh[:, None], logits, self.first_logits[idx])
-        self._seen[idx] = True
 
 
 def make_closure(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **kwargs) -> BatchClosure:

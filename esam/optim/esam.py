@@ -3,13 +3,14 @@ Sharpness-Sensitive Data Selection. Each switch works alone for ablations;
 beta=1 and gamma=1 give exactly SAM's update."""
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Iterable, Literal
 
 import torch
 
-from esam.optim.base import Closure
-from esam.optim.registry import MethodInfo, register_method
-from esam.optim.sam import SAM
+from esam.optim.base import Closure, check_choice
+from esam.optim.sam import SAM, BNStats
+
+Selection = Literal["topk", "authors"]  # exactly int(gamma n) samples | the authors' strict rule
 
 
 class ESAM(SAM):
@@ -31,30 +32,29 @@ class ESAM(SAM):
     def __init__(
         self,
         params: Iterable,
-        base_optimizer: str | type = "sgd",
+        base_optimizer: str | type | torch.optim.Optimizer = "sgd",
         *,
         rho: float = 0.05,
         beta: float = 0.6,
         gamma: float = 0.5,
         adaptive: bool = False,
         m: int | None = None,
-        bn_stats: str = "first",
-        selection: str = "topk",
-        seed: int | None = None,
+        bn_stats: BNStats = "first",
+        selection: Selection = "topk",
         eps: float = 1e-12,
         model: torch.nn.Module | None = None,
+        seed: int | None = None,
         **base_kwargs: Any,
     ) -> None:
         for name, value in (("beta", beta), ("gamma", gamma)):
             if not 0.0 < value <= 1.0:
                 raise ValueError(f"{name} must be in (0, 1], got {name}={value}")
-        if selection not in ("topk", "authors"):
-            raise ValueError(f"selection must be 'topk' or 'authors', got selection={selection!r}")
+        selection = check_choice("selection", selection, Selection)
         super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, m=m, bn_stats=bn_stats,
                          eps=eps, model=model, seed=seed, **base_kwargs)
         self.beta, self.gamma, self.selection = float(beta), float(gamma), selection
 
-    def _draw_participants(self) -> list[torch.Tensor]:
+    def draw_participants(self) -> list[torch.Tensor]:
         trainable = self._trainable()
         if self.beta >= 1.0:
             return trainable
@@ -101,16 +101,3 @@ def esam_cost(beta: float, gamma: float, selection: str = "topk", **_: Any) -> f
     selects = gamma < (0.99 if selection == "authors" else 1.0)
     return 1 + (1 + beta) + (1 if selects else 0) + 3 * gamma
 
-
-register_method(MethodInfo(
-    name="esam", cls=ESAM,
-    paper="Du et al., Efficient Sharpness-aware Minimization for Improved Training of Neural "
-          "Networks, ICLR 2022 (arXiv 2110.03141)",
-    cost_units=esam_cost,
-    hparams={"rho": 0.05, "beta": 0.6, "gamma": 0.5, "adaptive": False, "m": None,
-             "bn_stats": "first", "selection": "topk"},
-    stats={"sharpness": "mean loss rise L(w+e) - L(w) over the batch",
-           "sample_frac": "share of the batch in the second pass (SDS)",
-           "param_frac": "share of tensors perturbed (SWP)"},
-    description="SAM with Stochastic Weight Perturbation (beta) and Sharpness-sensitive Data Selection (gamma)",
-))

@@ -5,11 +5,9 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 import torch
-import torch.distributed as dist
 
-from esam.optim.base import Closure, global_dot
-from esam.optim.registry import MethodInfo, register_method
-from esam.optim.sam import SAM
+from esam.optim.base import Closure, all_reduce_mean, global_dot, reduce_by_hand
+from esam.optim.sam import SAM, BNStats, mean_sharpness
 
 
 class GSAM(SAM):
@@ -30,18 +28,24 @@ class GSAM(SAM):
 
     DDP (as the authors' code): both backward passes stay local, each rank decomposes its own
     gradients, and the final direction is averaged over the ranks by one all-reduce.
+
+    ``m`` (m-sharpness) and ``bn_stats`` as in :class:`SAM`, and chunked the way the authors' DDP
+    code is per rank: each chunk of m samples has its own g_c, e_c = rho_t g_c/||g_c||, g_s,c and
+    its own decomposition d_c = g_s,c - alpha g_perp,c; the update is the mean of the d_c.
     """
 
     def __init__(
         self,
         params: Iterable,
-        base_optimizer: str | type = "sgd",
+        base_optimizer: str | type | torch.optim.Optimizer = "sgd",
         *,
         rho: float = 0.04,
         rho_min: float = 0.02,
         alpha: float = 0.01,
         lr_min: float = 0.0,
         adaptive: bool = False,
+        m: int | None = None,
+        bn_stats: BNStats = "first",
         eps: float = 1e-12,
         model: torch.nn.Module | None = None,
         seed: int | None = None,
@@ -55,7 +59,7 @@ class GSAM(SAM):
             raise ValueError(f"alpha must be >= 0, got alpha={alpha}")
         if not lr_min >= 0.0:
             raise ValueError(f"lr_min must be >= 0, got lr_min={lr_min}")
-        super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, eps=eps,
+        super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, m=m, bn_stats=bn_stats, eps=eps,
                          model=model, seed=seed, **base_kwargs)
         self.alpha = float(alpha)
         # In the groups, so a checkpoint (the base's state_dict) carries them and a resumed
@@ -82,71 +86,62 @@ class GSAM(SAM):
                 group["rho"] = rho_max
         return float(self.param_groups[0]["rho"])
 
-    def _reduce_by_hand(self) -> bool:
-        """True under DDP with more than one rank: the passes run under no_sync, we all-reduce."""
-        return (callable(getattr(self.model, "no_sync", None)) and dist.is_available()
-                and dist.is_initialized() and dist.get_world_size() > 1)
-
     def step(self, closure: Closure, *, grad_scaler=None) -> torch.Tensor:
-        self.zero_grad()
         rho_t = self._schedule_rho()
-        by_hand = self._reduce_by_hand()
-        self._phase("first_pass")
-        with self._first_pass_context():
-            losses_w = closure()
-            self._backward(losses_w.mean(), grad_scaler)
-        losses_w = losses_w.detach()
-        params = [p for p in self._trainable() if p.grad is not None]
-        with torch.no_grad():  # keep g: _perturb turns .grad into e
-            for p in params:
-                buf = self._g.get(p)
-                if buf is None or buf.shape != p.shape or buf.device != p.device:
-                    buf = self._g[p] = torch.empty_like(p.grad)
-                buf.copy_(p.grad)
-
-        part = self._ascent_pass(closure, losses_w, params, 0, None, grad_scaler, sync=not by_hand)
-        if part.overflow:  # fp16 overflow: the step is skipped
-            self.zero_grad()
-            self._phase("end")
-            return losses_w
-
-        self._phase("decompose")
-        with torch.no_grad():
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-            g, g_s = [self._g[p] for p in params], [p.grad for p in params]
-            # Under a GradScaler g and g_s carry the same scale, so the result carries it too.
-            coef = global_dot(g, g_s) / (global_dot(g_s, g_s) + self.eps)
-            for gi, gs in zip(g, g_s):
-                gi.sub_(gs * coef.to(gs.device))   # g_perp, in g's buffer
-                gs.sub_(gi, alpha=self.alpha)      # g_s - alpha * g_perp
-            if by_hand:
-                _all_reduce_mean(g_s)
+        by_hand = reduce_by_hand(self.model)
+        chunks = self.chunks(closure)
+        n = len(chunks)
+        parts, total, params = [], None, []
+        for c, subset in enumerate(chunks):
+            losses_w = self.first_pass(closure, subset, grad_scaler=grad_scaler, update_bn=c == 0)
+            if c == 0:
+                params = [p for p in self._trainable() if p.grad is not None]
+            with torch.no_grad():  # keep g: perturb turns .grad into e
+                for p in params:
+                    buf = self._g.get(p)
+                    if buf is None or buf.shape != p.shape or buf.device != p.device:
+                        buf = self._g[p] = torch.empty_like(p)
+                    if p.grad is None:
+                        buf.zero_()
+                    else:
+                        buf.copy_(p.grad)
+            part = self.ascent_pass(closure, losses_w, subset, participants=params, grad_scaler=grad_scaler,
+                                    update_bn=c == 0, sync=not by_hand)
+            parts.append(part)
+            if part.overflow:  # fp16 overflow: the step is skipped
+                self.zero_grad()
+                self._phase("end")
+                return torch.cat([q.losses_w for q in parts])
+            self._phase("decompose")
+            d = self._decompose(params)  # this chunk's g_s - alpha g_perp, in .grad
+            if n > 1:
+                with torch.no_grad():
+                    if total is None:
+                        total = [t * (1.0 / n) for t in d]
+                    else:
+                        torch._foreach_add_(total, d, alpha=1.0 / n)
+        if total is not None:
+            for p, t in zip(params, total):
+                p.grad = t
+        if by_hand:
+            with torch.no_grad():
+                all_reduce_mean([p.grad for p in params])
         self._base_step(grad_scaler)
         self._phase("end")
-        self.last_stats = {"sharpness": part.sharpness, "rho": rho_t}
+        self.last_stats = {"sharpness": mean_sharpness(parts), "rho": rho_t}
         self.last_cost = 6.0
-        return losses_w
+        return parts[0].losses_w if n == 1 else torch.cat([q.losses_w for q in parts])
 
-
-def _all_reduce_mean(tensors: list[torch.Tensor]) -> None:
-    """Average ``tensors`` over the DDP ranks in one collective (flattened, then copied back)."""
-    flat = torch._utils._flatten_dense_tensors(tensors)
-    dist.all_reduce(flat)
-    flat.div_(dist.get_world_size())
-    for t, f in zip(tensors, torch._utils._unflatten_dense_tensors(flat, tensors)):
-        t.copy_(f)
-
-
-register_method(MethodInfo(
-    name="gsam", cls=GSAM,
-    paper="Zhuang et al., Surrogate Gap Minimization Improves Sharpness-Aware Training (GSAM, "
-          "surrogate gap guided SAM), ICLR 2022 (arXiv 2203.08065)",
-    cost_units=lambda **_: 6.0,
-    hparams={"rho": 0.04, "rho_min": 0.02, "alpha": 0.01, "lr_min": 0.0, "adaptive": False},
-    stats={"sharpness": "mean loss rise L(w+e) - L(w) over the batch",
-           "rho": "the perturbation radius rho_t of this step (follows the lr)"},
-    description="SAM's two passes; update g_s - alpha * (part of g orthogonal to g_s); "
-                "rho scheduled with the lr between rho_min and rho",
-))
+    @torch.no_grad()
+    def _decompose(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """g_s - alpha * g_perp in .grad (g_s there, g in self._g); returns the .grad tensors."""
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        g, g_s = [self._g[p] for p in params], [p.grad for p in params]
+        # Under a GradScaler g and g_s carry the same scale, so the result carries it too.
+        coef = global_dot(g, g_s) / (global_dot(g_s, g_s) + self.eps)
+        for gi, gs in zip(g, g_s):
+            gi.sub_(gs * coef.to(gs.device))   # g_perp, in g's buffer
+            gs.sub_(gi, alpha=self.alpha)      # g_s - alpha * g_perp
+        return g_s

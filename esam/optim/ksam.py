@@ -7,8 +7,7 @@ from typing import Any, Iterable
 import torch
 
 from esam.optim.base import Closure
-from esam.optim.registry import MethodInfo, register_method
-from esam.optim.sam import SAM
+from esam.optim.sam import SAM, BNStats, mean_sharpness
 
 
 class KSAM(SAM):
@@ -22,19 +21,27 @@ class KSAM(SAM):
     cheaper than SGD in FLOPs. At k >= B it is SAM plus that one forward.
 
     BatchNorm: the whole-batch forward updates the running statistics (once per step, as SGD's
-    forward); both passes on the k samples use their own batch statistics and leave them alone.
+    forward); both passes on the k samples use their own batch statistics and leave them alone
+    (``bn_stats='all'``: they update them too, as every forward does in the authors' SAM code).
     The returned losses (and a BatchClosure's ``first_logits``) are the whole batch's at w.
+
+    ``m`` (m-sharpness), as B/m DDP ranks of per-rank batch m would run K-SAM: each chunk of m
+    samples has its own no-grad forward, its own top k = k_frac * m (or min(k, m)) and its own
+    SAM passes and perturbation on those; the update is the mean of the chunks' second-pass
+    gradients. Only the first chunk's forwards touch the BatchNorm statistics (rank 0's buffers).
     """
 
     def __init__(
         self,
         params: Iterable,
-        base_optimizer: str | type = "sgd",
+        base_optimizer: str | type | torch.optim.Optimizer = "sgd",
         *,
         rho: float = 0.05,
-        k_frac: float = 0.36,  # derived from the paper's reported costs, unverified: conf/optimizer/ksam.yaml
+        k_frac: float = 0.36,
         k: int = 0,
         adaptive: bool = False,
+        m: int | None = None,
+        bn_stats: BNStats = "first",
         eps: float = 1e-12,
         model: torch.nn.Module | None = None,
         seed: int | None = None,
@@ -44,7 +51,7 @@ class KSAM(SAM):
             raise ValueError(f"k_frac must be in (0, 1], got k_frac={k_frac}")
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
             raise ValueError(f"k must be an int >= 0 (0 = use k_frac), got k={k!r}")
-        super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, eps=eps,
+        super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, m=m, bn_stats=bn_stats, eps=eps,
                          model=model, seed=seed, **base_kwargs)
         self.k_frac, self.k = float(k_frac), k
 
@@ -53,35 +60,35 @@ class KSAM(SAM):
 
     def step(self, closure: Closure, *, grad_scaler=None) -> torch.Tensor:
         self.zero_grad()
-        self._phase("select_forward")
-        with torch.no_grad():
-            losses_all = closure()
-            n = losses_all.shape[0]
-            k = self._k(n)
-            # Half-precision losses are ranked in fp32; float64 ones keep their precision.
-            ranked = losses_all.to(torch.promote_types(losses_all.dtype, torch.float32))
-            indices = None if k >= n else torch.topk(ranked, k, sorted=False).indices
-
-        # SAM's two passes on the k samples; BN statistics were updated by the forward above.
-        part = self._sharpness_pass(closure, indices, grad_scaler, update_bn=False)
-        if part.overflow:  # fp16 overflow: the step is skipped
-            self.zero_grad()
-            self._phase("end")
-            return losses_all
+        chunks = self.chunks(closure)
+        n = len(chunks)
+        carry, parts, losses = None, [], []
+        for c, subset in enumerate(chunks):
+            last = c == n - 1
+            self._phase("select_forward")
+            with torch.no_grad(), self._bn_stats_context(c == 0):
+                losses_all = closure(subset)
+                size = losses_all.shape[0]
+                k = self._k(size)
+                # Half-precision losses are ranked in fp32; float64 ones keep their precision.
+                ranked = losses_all.to(torch.promote_types(losses_all.dtype, torch.float32))
+                top = None if k >= size else torch.topk(ranked, k, sorted=False).indices
+            losses.append(losses_all)
+            indices = top if subset is None else (subset if top is None else subset[top])
+            # SAM's two passes on the k samples; BN statistics were updated by the forward above.
+            part = self.sharpness_pass(closure, indices, grad_scaler=grad_scaler, update_bn=c == 0,
+                                       first_update_bn=c == 0 and self.bn_stats == "all",
+                                       scale=1.0 / n, carry=carry, sync=last)
+            parts.append(part)
+            if part.overflow:  # fp16 overflow: the step is skipped
+                self.zero_grad()
+                self._phase("end")
+                return torch.cat(losses)
+            carry = None if last else self.take_grads()
         self._base_step(grad_scaler)
         self._phase("end")
-        self.last_stats = {"sharpness": part.sharpness, "sample_frac": k / n}
-        self.last_cost = 1.0 + 6.0 * k / n
-        return losses_all
-
-
-register_method(MethodInfo(
-    name="ksam", cls=KSAM,
-    paper="Ni et al., K-SAM: Sharpness-Aware Minimization at the Speed of SGD, 2022 (arXiv 2210.12864)",
-    # from k_frac; with a fixed count k > 0 it depends on the batch (opt.last_cost is exact)
-    cost_units=lambda k_frac, **_: 1.0 + 6.0 * k_frac,
-    hparams={"rho": 0.05, "k_frac": 0.36, "k": 0, "adaptive": False},
-    stats={"sharpness": "mean loss rise L(w+e) - L(w) over the k selected samples",
-           "sample_frac": "share of the batch in the two SAM passes (k/B)"},
-    description="a no-grad forward ranks the batch by loss; SAM's two passes on the k highest-loss samples",
-))
+        batch = sum(q.shape[0] for q in losses)
+        kept = sum(q.kept for q in parts)
+        self.last_stats = {"sharpness": mean_sharpness(parts), "sample_frac": kept / batch}
+        self.last_cost = 1.0 + 6.0 * kept / batch
+        return losses[0] if n == 1 else torch.cat(losses)

@@ -6,9 +6,8 @@ from typing import Any, Iterable
 
 import torch
 
-from esam.optim.base import Closure, global_dot, global_norm, scaled_add_
-from esam.optim.registry import MethodInfo, register_method
-from esam.optim.sam import SAM
+from esam.optim.base import Closure, all_reduce_mean, global_dot, global_norm, reduce_by_hand, scaled_add_
+from esam.optim.sam import SAM, BNStats
 
 
 class LookSAM(SAM):
@@ -25,17 +24,26 @@ class LookSAM(SAM):
     DDP: the first backward of a SAM step is all-reduced too (unlike SAM's local one), so g,
     e and hence g_v are the same on every rank and the cheap steps, whose gradient is the
     all-reduced g, stay in step across ranks; it costs one extra all-reduce every k steps.
+
+    ``m`` (m-sharpness) and ``bn_stats`` act on the SAM steps as in :class:`SAM`: each chunk of m
+    samples has its own first pass, perturbation e_c = rho g_c/||g_c|| and second pass, and
+    g_s = the mean of the chunks' second-pass gradients. g_v is then built from the batch means,
+    g = mean_c g_c and g_s, which is what B/m DDP ranks with per-rank perturbation compute once
+    they share g (all-reduced by hand: g_v must be the same on every rank for the cheap steps).
+    The cheap steps run on the whole batch, as SGD's step does.
     """
 
     def __init__(
         self,
         params: Iterable,
-        base_optimizer: str | type = "sgd",
+        base_optimizer: str | type | torch.optim.Optimizer = "sgd",
         *,
         rho: float = 0.05,
         k: int = 5,
-        alpha: float = 0.7,  # the LookSAM paper's (k = 5); MSAM authors' configs/*.ini: 0.7 too
+        alpha: float = 0.7,
         adaptive: bool = False,
+        m: int | None = None,
+        bn_stats: BNStats = "first",
         eps: float = 1e-12,
         model: torch.nn.Module | None = None,
         seed: int | None = None,
@@ -45,7 +53,7 @@ class LookSAM(SAM):
             raise ValueError(f"k must be an int >= 1 (a SAM step every k steps), got k={k!r}")
         if not alpha >= 0.0:
             raise ValueError(f"alpha must be >= 0, got alpha={alpha}")
-        super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, eps=eps,
+        super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, m=m, bn_stats=bn_stats, eps=eps,
                          model=model, seed=seed, **base_kwargs)
         self.k, self.alpha = k, float(alpha)
         self._t = 0  # steps taken; t % k == 0 is a SAM step
@@ -63,25 +71,39 @@ class LookSAM(SAM):
         return losses
 
     def _sam_step(self, closure: Closure, grad_scaler) -> torch.Tensor:
-        self.zero_grad()
-        self._phase("first_pass")
-        losses_w = closure()  # all-reduced under DDP: see the class docstring
-        self._backward(losses_w.mean(), grad_scaler)
-        losses_w = losses_w.detach()
-        # g is kept in the g_v buffers (reused every SAM step) before e overwrites .grad.
-        params = [p for p in self._trainable() if p.grad is not None]
-        gv = self._gv if self._gv is not None and all(p in self._gv for p in params) else {}
-        self._gv = None  # invalid until this step completes
-        for p in params:
-            buf = gv.get(p)
-            if buf is None or buf.shape != p.shape or buf.device != p.device:
-                buf = gv[p] = torch.empty_like(p.grad)
-            buf.copy_(p.grad)
-
-        if self._ascent_pass(closure, losses_w, params, 0, None, grad_scaler).overflow:
-            self.zero_grad()  # fp16 overflow: the step is skipped, the next one is a SAM step
-            self._phase("end")
-            return losses_w
+        chunks = self.chunks(closure)
+        n = len(chunks)
+        carry, losses, params, gv = None, [], [], {}
+        for c, subset in enumerate(chunks):
+            last = c == n - 1
+            # The whole batch: g all-reduced under DDP (see the class docstring); chunks: local.
+            losses_w = self.first_pass(closure, subset, grad_scaler=grad_scaler, update_bn=c == 0, sync=n == 1)
+            losses.append(losses_w)
+            if c == 0:
+                # g is kept in the g_v buffers (reused every SAM step) before e overwrites .grad.
+                params = [p for p in self._trainable() if p.grad is not None]
+                gv = self._gv if self._gv is not None and all(p in self._gv for p in params) else {}
+                self._gv = None  # invalid until this step completes
+                for p in params:
+                    buf = gv.get(p)
+                    if buf is None or buf.shape != p.shape or buf.device != p.device:
+                        buf = gv[p] = torch.empty_like(p.grad)
+                    buf.copy_(p.grad) if n == 1 else buf.copy_(p.grad).div_(n)
+            else:
+                with torch.no_grad():
+                    for p in params:
+                        if p.grad is not None:
+                            gv[p].add_(p.grad, alpha=1.0 / n)
+            part = self.ascent_pass(closure, losses_w, subset, participants=params, grad_scaler=grad_scaler,
+                                    update_bn=c == 0, scale=1.0 / n, carry=carry, sync=last)
+            if part.overflow:
+                self.zero_grad()  # fp16 overflow: the step is skipped, the next one is a SAM step
+                self._phase("end")
+                return torch.cat(losses) if n > 1 else losses_w
+            carry = None if last else self.take_grads()
+        losses_w = torch.cat(losses) if n > 1 else losses[0]
+        if n > 1 and params and reduce_by_hand(self.model):
+            all_reduce_mean([gv[p] for p in params])  # g, the mean of every rank's chunks
 
         if params:
             with torch.no_grad():
@@ -144,14 +166,3 @@ def looksam_cost(k: int, **_: Any) -> float:
     """One SAM step (6 units) and k - 1 SGD-cost steps (3 units) per k steps."""
     return 3.0 + 3.0 / k
 
-
-register_method(MethodInfo(
-    name="looksam", cls=LookSAM,
-    paper="Liu et al., Towards Efficient and Scalable Sharpness-Aware Minimization, CVPR 2022 "
-          "(arXiv 2203.02714)",
-    cost_units=looksam_cost,
-    hparams={"rho": 0.05, "k": 5, "alpha": 0.7, "adaptive": False},
-    stats={"sam_step": "1 on the steps that ran SAM's two passes, 0 on the one-pass steps"},
-    description="SAM every k steps; in between one forward/backward plus alpha*||g||/||g_v|| times "
-                "the stored part g_v of the SAM gradient orthogonal to g",
-))

@@ -23,7 +23,6 @@ from typing import Any, Iterator, Iterable
 import torch
 
 from esam.optim.base import Closure, SharpnessAwareOptimizer, by_device, global_norm
-from esam.optim.registry import MethodInfo, register_method
 
 # The base optimizer's state entry that is its momentum, by optimizer.
 MOMENTUM_KEYS = ("momentum_buffer", "exp_avg")
@@ -48,7 +47,7 @@ class MSAM(SharpnessAwareOptimizer):
     def __init__(
         self,
         params: Iterable,
-        base_optimizer: str | type = "sgd",
+        base_optimizer: str | type | torch.optim.Optimizer = "sgd",
         *,
         rho: float = 3.0,
         eps: float = 1e-12,
@@ -195,13 +194,3 @@ class MSAM(SharpnessAwareOptimizer):
                 params[int(i)].copy_(w)
         self._scales = [None if c is None else c.to(params[0].device) for c in saved["scales"]]
 
-
-register_method(MethodInfo(
-    name="msam", cls=MSAM,
-    paper="Becker, Altrock and Risse, Momentum-SAM: Sharpness Aware Minimization without "
-          "Computational Overhead, 2024 (arXiv 2401.12033; code MarlonBecker/MSAM)",
-    cost_units=lambda **_: 3.0,
-    hparams={"rho": 3.0, "eps": 1e-12},
-    description="gradient at w - rho v/||v|| (v = the base optimizer's momentum), then the base step "
-                "from w; weights kept perturbed between steps, moved back for evaluation",
-))

@@ -13,14 +13,15 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
-from typing import Any, Iterable
+from typing import Any, Iterable, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from esam.optim.base import Closure, SharpnessAwareOptimizer
-from esam.optim.registry import MethodInfo, register_method
+from esam.optim.base import Closure, SharpnessAwareOptimizer, check_choice
+
+MemoryDevice = Literal["cpu", "device"]  # host memory (as the authors; ImageNet) | beside the logits (CIFAR)
 
 
 def trajectory_loss(logits: torch.Tensor, targets: torch.Tensor, tau: float) -> torch.Tensor:
@@ -143,14 +144,14 @@ class SAF(_TrajectoryMethod):
     def __init__(
         self,
         params: Iterable,
-        base_optimizer: str | type = "sgd",
+        base_optimizer: str | type | torch.optim.Optimizer = "sgd",
         *,
         lam: float = 0.3,
         tau: float = 5.0,
         start: int = 5,
         lookback: int = 3,
         num_samples: int | None = None,
-        memory_device: str = "cpu",
+        memory_device: MemoryDevice = "cpu",
         model: nn.Module | None = None,
         seed: int | None = None,
         **base_kwargs: Any,
@@ -158,8 +159,7 @@ class SAF(_TrajectoryMethod):
         _check_number("lookback", lookback, low=1, strict=False, integer=True)
         if num_samples is not None:
             _check_number("num_samples", num_samples, low=1, strict=False, integer=True)
-        if memory_device not in ("cpu", "device"):
-            raise ValueError(f"memory_device must be 'cpu' or 'device', got memory_device={memory_device!r}")
+        memory_device = check_choice("memory_device", memory_device, MemoryDevice)
         super().__init__(params, base_optimizer, lam=lam, tau=tau, start=start, model=model, seed=seed,
                          **base_kwargs)
         self.lookback, self.num_samples, self.memory_device = int(lookback), num_samples, memory_device
@@ -259,7 +259,7 @@ class MESA(_TrajectoryMethod):
     def __init__(
         self,
         params: Iterable,
-        base_optimizer: str | type = "sgd",
+        base_optimizer: str | type | torch.optim.Optimizer = "sgd",
         *,
         lam: float = 0.8,
         tau: float = 5.0,
@@ -344,27 +344,3 @@ class MESA(_TrajectoryMethod):
             self.ema = {n: t.to(live[n].device if n in live else t.device, copy=True)
                         for n, t in state["mesa_ema"].items()}
 
-
-register_method(MethodInfo(
-    name="saf", cls=SAF,
-    paper="Du et al., Sharpness-Aware Training for Free, NeurIPS 2022 (arXiv 2205.14083), SAF",
-    cost_units=lambda **_: 3.0,
-    hparams={"lam": 0.3, "tau": 5.0, "start": 5, "lookback": 3, "memory_device": "cpu"},
-    stats={"traj_loss": "tau^2 KL(past softmax || current softmax), batch mean (0 while off)",
-           "traj_share": "share of the batch with stored logits from lookback epochs ago (0 while off)"},
-    description="SGD on CE + lam * trajectory KL to each sample's own logits from lookback epochs "
-                "earlier (per-sample memory indexed by dataset id)",
-))
-
-register_method(MethodInfo(
-    name="mesa", cls=MESA,
-    paper="Du et al., Sharpness-Aware Training for Free, NeurIPS 2022 (arXiv 2205.14083), MESA",
-    # One extra forward (1 unit) once the trajectory loss is on (epoch > start); the run's mean
-    # is a little under 4 because the first start + 1 epochs cost 3.
-    cost_units=lambda **_: 4.0,
-    hparams={"lam": 0.8, "tau": 5.0, "start": 5, "decay": 0.9998},
-    stats={"traj_loss": "tau^2 KL(EMA model's softmax || current softmax), batch mean (0 while off)",
-           "traj_share": "1 on the steps with the trajectory loss on, 0 before (epoch mean: share)"},
-    description="SGD on CE + lam * trajectory KL to the outputs of an EMA of the weights "
-                "(one extra no-grad forward per step)",
-))

@@ -1,14 +1,34 @@
-"""SAM (Foret et al., 2021) and its adaptive variant ASAM (Kwon et al., 2021)."""
+"""SAM (Foret et al., 2021) and its adaptive variant ASAM (Kwon et al., 2021).
+
+SAM's step is built from public blocks that every SAM-based method composes, in the spirit of
+davda54/sam's ``first_step``/``second_step``:
+
+- :meth:`SAM.chunks` the subsets that get their own perturbation (m-sharpness, ``m``);
+- :meth:`SAM.first_pass` loss and gradient at w on one subset (local under DDP);
+- :meth:`SAM.ascent_pass` from that gradient: perturb to w + e, the second pass there, restore w
+  (:meth:`SAM.perturb`, :meth:`SAM.second_pass`, :meth:`SAM.restore` one by one);
+- :meth:`SAM.finish` the base step on the gradient left in ``.grad``, and the step's stats.
+
+BatchNorm running statistics (``bn_stats``) and the carrying of earlier chunks' gradients are
+handled there, once; LookSAM, GSAM, K-SAM and the switching rules call these blocks.
+"""
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Literal
 
 import torch
 
-from esam.optim.base import Closure, SharpnessAwareOptimizer, by_device, global_norm
-from esam.optim.registry import MethodInfo, register_method
+from esam.optim.base import Closure, SharpnessAwareOptimizer, by_device, check_choice, global_norm
+
+BNStats = Literal["first", "all"]  # "first": running stats from the first pass only; "all": every forward
+
+
+def check_m(m: Any) -> int | None:
+    if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
+        raise ValueError(f"m must be a positive int or None (the whole batch), got m={m!r}")
+    return m
 
 
 class SAM(SharpnessAwareOptimizer):
@@ -21,21 +41,23 @@ class SAM(SharpnessAwareOptimizer):
     each with its own first pass, perturbation and second pass at its own w+e; the update
     uses the mean of the chunks' second-pass gradients. That is what B/m DDP ranks of
     per-rank batch m compute (the first backward stays local), on one device. ``None`` = the
-    whole batch. Needs ``closure.batch_size`` (set by :func:`esam.optim.make_closure`).
+    whole batch. Needs ``closure.batch_size`` (set by :func:`esam.optim.make_closure`). A batch
+    m does not divide (an epoch's short last batch) is cut into ceil(B/m) near-equal chunks.
     ``bn_stats``: ``"first"`` = BatchNorm running statistics are updated by the first pass
     only (ours); ``"all"`` = by every forward, as in the authors' code. With chunks, only
     the first chunk touches them, as DDP keeps rank 0's buffers (broadcast_buffers).
+    ``eps``: in rho / (||g|| + eps); davda54/sam 1e-12, the ESAM authors 1e-7.
     """
 
     def __init__(
         self,
         params: Iterable,
-        base_optimizer: str | type = "sgd",
+        base_optimizer: str | type | torch.optim.Optimizer = "sgd",
         *,
         rho: float = 0.05,
         adaptive: bool = False,
         m: int | None = None,
-        bn_stats: str = "first",
+        bn_stats: BNStats = "first",
         eps: float = 1e-12,
         model: torch.nn.Module | None = None,
         seed: int | None = None,
@@ -43,11 +65,8 @@ class SAM(SharpnessAwareOptimizer):
     ) -> None:
         if not rho >= 0.0:
             raise ValueError(f"rho must be >= 0, got rho={rho}")
-        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
-            raise ValueError(f"m must be a positive int or None (the whole batch), got m={m!r}")
-        if bn_stats not in ("first", "all"):
-            raise ValueError(f"bn_stats must be 'first' or 'all', got bn_stats={bn_stats!r}")
         super().__init__(params, base_optimizer, model=model, seed=seed, **base_kwargs)
+        self.m, self.bn_stats = check_m(m), check_choice("bn_stats", bn_stats, BNStats)
         # In the defaults too, so that add_param_group() gives new groups rho and adaptive.
         for d in (self.defaults, self.base_optimizer.defaults):
             d.setdefault("rho", rho)
@@ -55,13 +74,13 @@ class SAM(SharpnessAwareOptimizer):
         for group in self.param_groups:
             group.setdefault("rho", rho)
             group.setdefault("adaptive", adaptive)
-        self.eps, self.m, self.bn_stats = eps, m, bn_stats
+        self.eps = eps
         # Copies of w at the perturbed tensors, reused every step: restoring by copy is
         # exact, while w + e - e is not in floating point.
         self._backup: dict[torch.Tensor, torch.Tensor] = {}
 
     # Hooks ESAM overrides -------------------------------------------------------
-    def _draw_participants(self) -> list[torch.Tensor]:
+    def draw_participants(self) -> list[torch.Tensor]:
         """Tensors that get a first-pass gradient and a perturbation (SAM: all)."""
         return self._trainable()
 
@@ -73,79 +92,119 @@ class SAM(SharpnessAwareOptimizer):
         the sharpness if known (SAM: the whole subset, sharpness from the second pass)."""
         return None, None
 
+    def _selected_forward(self, n: int) -> bool:
+        """Whether this pass ran a selection forward (ESAM's SDS); for the cost count."""
+        return False
+
     # The step -------------------------------------------------------------------
     def step(self, closure: Closure, *, grad_scaler=None) -> torch.Tensor:
-        chunks = self._chunks(closure)
-        if chunks is None:  # the whole batch: one first pass, one second pass
-            return self._finish([self._sharpness_pass(closure, None, grad_scaler, update_bn=True)],
-                                grad_scaler)
-        # m-sharpness: the second-pass gradients of the chunks are summed aside (``stash``),
-        # so each chunk's first pass starts from empty .grad. Under DDP every backward but the
-        # last is local and the last one all-reduces the sum, as gradient accumulation does.
-        stash: list[torch.Tensor | None] | None = None
-        parts: list[_Pass] = []
+        chunks = self.chunks(closure)
+        # m-sharpness: the second-pass gradients of the chunks are carried from one chunk to the
+        # next, so each chunk's first pass starts from empty .grad. Under DDP every backward but
+        # the last is local and the last one all-reduces the sum, as gradient accumulation does.
+        carry, parts = None, []
         for c, subset in enumerate(chunks):
             last = c == len(chunks) - 1
-            part = self._sharpness_pass(closure, subset, grad_scaler, update_bn=c == 0,
-                                        scale=1.0 / len(chunks), stash=stash, sync=last)
+            part = self.sharpness_pass(closure, subset, grad_scaler=grad_scaler, update_bn=c == 0,
+                                       scale=1.0 / len(chunks), carry=carry, sync=last)
             parts.append(part)
             if part.overflow:
                 break
-            if not last:
-                stash = [p.grad for p in self._trainable()]
-                self.zero_grad()
-        return self._finish(parts, grad_scaler)
+            carry = None if last else self.take_grads()
+        return self.finish(parts, grad_scaler)
 
-    def _chunks(self, closure: Closure) -> list[torch.Tensor] | None:
+    # The public building blocks ---------------------------------------------------
+    def chunks(self, closure: Closure) -> list[torch.Tensor | None]:
+        """The subsets of the batch perturbed separately: ``[None]`` (the whole batch) unless
+        ``m`` splits it into B/m contiguous index tensors."""
         if self.m is None:
-            return None
+            return [None]
         n = getattr(closure, "batch_size", None)
         if n is None:
             raise ValueError("m-sharpness needs closure.batch_size (build the closure with "
                              "esam.optim.make_closure, or set the attribute)")
-        if n % self.m:
-            raise ValueError(f"m={self.m} must divide the batch of {n} samples (per process under DDP)")
-        if n == self.m:
-            return None  # one chunk is the whole batch: exactly the m=None step
+        if n <= self.m:
+            return [None]  # one chunk is the whole batch: exactly the m=None step
         device = getattr(closure, "device", None)
-        return list(torch.arange(n, device=device).split(self.m))
+        # A batch m does not divide (the epoch's last, short one) is cut into ceil(n/m) chunks as
+        # equal as possible, as DDP ranks share a short last batch (80 = 2 x 40 at m = 64).
+        return list(torch.arange(n, device=device).tensor_split(-(-n // self.m)))
 
-    def _sharpness_pass(self, closure: Closure, subset: torch.Tensor | None, grad_scaler, *,
-                        update_bn: bool, scale: float = 1.0, stash=None, sync: bool = True):
-        """First pass, perturbation and second pass on ``subset`` (None = the batch); the
-        second-pass gradient (times ``scale``) is left in .grad, plus ``stash`` if given."""
+    def take_grads(self) -> list[torch.Tensor | None]:
+        """The trainable tensors' ``.grad`` (to carry into a later chunk's second pass), then
+        empty ``.grad`` for the next first pass."""
+        grads = [p.grad for p in self._trainable()]
         self.zero_grad()
-        participants = self._draw_participants()
-        participating = set(participants)
-        frozen = [p for p in self._trainable() if p not in participating]
+        return grads
+
+    def first_pass(self, closure: Closure, subset: torch.Tensor | None = None, *,
+                   participants: list[torch.Tensor] | None = None, grad_scaler=None,
+                   update_bn: bool = True, sync: bool = False) -> torch.Tensor:
+        """Empty ``.grad``, then loss and gradient at w on ``subset`` (None = the batch); only the
+        ``participants`` (default: all) get a weight gradient. The backward stays local under
+        DDP unless ``sync`` (per-rank perturbation, as in the paper's code). BatchNorm running
+        statistics follow it only if ``update_bn``. Returns the per-sample losses, detached."""
+        self.zero_grad()
+        frozen = []
+        if participants is not None:
+            taking_part = set(participants)
+            frozen = [p for p in self._trainable() if p not in taking_part]
         self._phase("first_pass")
         try:
             for p in frozen:  # no weight gradient is computed for them: the saving is real
                 p.requires_grad_(False)
-            with self._first_pass_context(), self._bn_stats_context(update_bn):
+            with contextlib.nullcontext() if sync else self._first_pass_context(), self._bn_stats_context(update_bn):
                 losses_w = closure(subset)
                 self._backward(losses_w.mean(), grad_scaler)
         finally:
             for p in frozen:
                 p.requires_grad_(True)
-        return self._ascent_pass(closure, losses_w.detach(), participants, len(frozen), subset, grad_scaler,
-                                 update_bn=update_bn, scale=scale, stash=stash, sync=sync)
+        return losses_w.detach()
 
-    def _ascent_pass(self, closure: Closure, losses_w: torch.Tensor, participants: list[torch.Tensor],
-                     n_frozen: int, subset: torch.Tensor | None, grad_scaler, *, update_bn: bool = True,
-                     scale: float = 1.0, stash=None, sync: bool = True) -> "_Pass":
-        """From the first-pass gradient in .grad: ascend to w+e at ``participants``, (select,) take
-        the second pass there, restore w. Also the sharpness-aware half of AE-SAM's step."""
+    def sharpness_pass(self, closure: Closure, subset: torch.Tensor | None = None, *, grad_scaler=None,
+                       update_bn: bool = True, first_update_bn: bool | None = None, scale: float = 1.0,
+                       carry: list | None = None, sync: bool = True) -> "Pass":
+        """:meth:`first_pass` (on the tensors :meth:`draw_participants` picks) and :meth:`ascent_pass`
+        on ``subset``: SAM's step on one chunk, its second-pass gradient (times ``scale``, plus
+        ``carry``) left in ``.grad``. ``first_update_bn`` overrides ``update_bn`` for the first pass
+        (K-SAM's selection forward already took the statistics)."""
+        participants = self.draw_participants()
+        losses_w = self.first_pass(closure, subset, participants=participants, grad_scaler=grad_scaler,
+                                   update_bn=update_bn if first_update_bn is None else first_update_bn)
+        return self.ascent_pass(closure, losses_w, subset, participants=participants, grad_scaler=grad_scaler,
+                                update_bn=update_bn, scale=scale, carry=carry, sync=sync)
+
+    def ascent_pass(self, closure: Closure, losses_w: torch.Tensor, subset: torch.Tensor | None = None, *,
+                    participants: list[torch.Tensor] | None = None, grad_scaler=None, update_bn: bool = True,
+                    scale: float = 1.0, carry: list | None = None, sync: bool = True) -> "Pass":
+        """From the first-pass gradient in ``.grad``: ascend to w+e at the ``participants``
+        (default: every tensor with a gradient), the second pass there (selected by ESAM's SDS),
+        restore w. The second-pass gradient (times ``scale``, plus ``carry``) is left in ``.grad``."""
         self._phase("perturb")
-        perturbed = self._perturb(participants, grad_scaler)
+        trainable = self._trainable()
+        if participants is None:
+            participants = [p for p in trainable if p.grad is not None]
+        perturbed = self.perturb(participants, grad_scaler)
         if perturbed is None:  # fp16 overflow: the step is skipped
-            return _Pass(losses_w, None, 0, losses_w.shape[0], 0.0, False, overflow=True)
+            return Pass(losses_w, None, 0, losses_w.shape[0], 0.0, False, overflow=True)
+        part = self.second_pass(closure, losses_w, subset, grad_scaler=grad_scaler, update_bn=update_bn,
+                                scale=scale, carry=carry, sync=sync)
+        self._phase("restore")
+        self.restore(perturbed)
+        part.param_frac = len(participants) / max(1, len(trainable))
+        return part
+
+    def second_pass(self, closure: Closure, losses_w: torch.Tensor, subset: torch.Tensor | None = None, *,
+                    grad_scaler=None, update_bn: bool = True, scale: float = 1.0, carry: list | None = None,
+                    sync: bool = True) -> "Pass":
+        """At the perturbed weights: empty ``.grad`` (then ``carry``), (ESAM: select,) forward and
+        backward on ``subset`` with the loss times ``scale``. BatchNorm statistics follow it only
+        if ``update_bn`` and ``bn_stats='all'``; the backward all-reduces under DDP if ``sync``."""
         self.zero_grad()
-        if stash is not None:  # the earlier chunks' second-pass gradients, summed
-            for p, g in zip(self._trainable(), stash):
+        if carry is not None:  # the earlier chunks' second-pass gradients, summed
+            for p, g in zip(self._trainable(), carry):
                 p.grad = g
-        later_bn = update_bn and self.bn_stats == "all"
-        with self._bn_stats_context(later_bn):
+        with self._bn_stats_context(update_bn and self.bn_stats == "all"):
             indices, sharpness = self._select(closure, losses_w, subset)
             if indices is None:
                 indices = subset
@@ -155,20 +214,10 @@ class SAM(SharpnessAwareOptimizer):
                 self._backward(losses_e.mean() * scale if scale != 1.0 else losses_e.mean(), grad_scaler)
         if sharpness is None:
             sharpness = (losses_e.detach() - losses_w).mean()
-        self._phase("restore")
-        self._restore(perturbed)
-        return _Pass(losses_w, sharpness, losses_e.shape[0], losses_w.shape[0],
-                     len(participants) / max(1, len(participants) + n_frozen),
-                     self._selected_forward(losses_w.shape[0]))
+        return Pass(losses_w, sharpness, losses_e.shape[0], losses_w.shape[0], 1.0,
+                    self._selected_forward(losses_w.shape[0]))
 
-    def _bn_stats_context(self, update: bool) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext() if update else self._frozen_bn_stats()
-
-    def _selected_forward(self, n: int) -> bool:
-        """Whether this pass ran a selection forward (ESAM's SDS); for the cost count."""
-        return False
-
-    def _finish(self, parts: list["_Pass"], grad_scaler) -> torch.Tensor:
+    def finish(self, parts: list["Pass"], grad_scaler) -> torch.Tensor:
         """The base step on the gradient left in .grad, the step's stats and cost; returns the
         first-pass per-sample losses of the batch."""
         losses_w = parts[0].losses_w if len(parts) == 1 else torch.cat([p.losses_w for p in parts])
@@ -182,18 +231,19 @@ class SAM(SharpnessAwareOptimizer):
         sample_frac = sum(p.kept for p in parts) / n
         param_frac = sum(p.param_frac for p in parts) / len(parts)
         select_frac = sum(p.selected for p in parts) / len(parts)
-        sharpness = parts[0].sharpness if len(parts) == 1 else torch.stack(
-            [torch.as_tensor(p.sharpness) for p in parts]).mean()
-        self.last_stats = {"sharpness": sharpness, "sample_frac": sample_frac, "param_frac": param_frac}
+        self.last_stats = {"sharpness": mean_sharpness(parts), "sample_frac": sample_frac, "param_frac": param_frac}
         # first forward 1 + first backward (input grads 1, weight grads only where drawn) +
         # selection forward (if any) + second forward/backward on the kept samples.
         self.last_cost = 1.0 + 1.0 + param_frac + select_frac + 3.0 * sample_frac
         return losses_w
 
+    def _bn_stats_context(self, update: bool) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext() if update else self._frozen_bn_stats()
+
     @torch.no_grad()
-    def _perturb(self, params: list[torch.Tensor], grad_scaler) -> list[torch.Tensor] | None:
-        """w <- w + e at those ``params`` that got a gradient; returns them, or None (and w
-        untouched) if fp16 gradients overflowed."""
+    def perturb(self, params: list[torch.Tensor], grad_scaler=None) -> list[torch.Tensor] | None:
+        """w <- w + e at those ``params`` that have a gradient (e from it, built in ``.grad``);
+        returns them, or None (and w untouched) if fp16 gradients overflowed."""
         taking_part = set(params)
         by_group = []
         for group in self.param_groups:
@@ -228,7 +278,8 @@ class SAM(SharpnessAwareOptimizer):
         return [p for _, ps in by_group for p in ps]
 
     @torch.no_grad()
-    def _restore(self, perturbed: list[torch.Tensor]) -> None:
+    def restore(self, perturbed: list[torch.Tensor]) -> None:
+        """w back at exactly the tensors :meth:`perturb` returned, by copy (w + e - e != w)."""
         # Exactly the tensors perturbed this step: a backup left from an earlier step
         # (a tensor unused this time, so no gradient) is stale and must not be copied back.
         if perturbed:
@@ -242,8 +293,8 @@ class SAM(SharpnessAwareOptimizer):
 
 
 @dataclass
-class _Pass:
-    """What one pass (the batch, or one chunk of it) saw."""
+class Pass:
+    """What one sharpness-aware pass (the batch, or one chunk of it) saw."""
 
     losses_w: torch.Tensor          # first-pass per-sample losses, detached
     sharpness: torch.Tensor | None  # mean loss rise under the perturbation
@@ -254,15 +305,8 @@ class _Pass:
     overflow: bool = False          # fp16 gradients overflowed: nothing was updated
 
 
-
-
-register_method(MethodInfo(
-    name="sam", cls=SAM,
-    paper="Foret et al., Sharpness-Aware Minimization, ICLR 2021 (adaptive: Kwon et al., ASAM, ICML 2021)",
-    cost_units=lambda **_: 6.0,
-    hparams={"rho": 0.05, "adaptive": False, "m": None, "bn_stats": "first"},
-    stats={"sharpness": "mean loss rise L(w+e) - L(w) over the batch",
-           "sample_frac": "share of the batch in the second pass (1 for SAM)",
-           "param_frac": "share of tensors perturbed (1 for SAM)"},
-    description="gradient at w, ascend to w+e (e = rho g/||g||), gradient there, restore w, base step",
-))
+def mean_sharpness(parts: list[Pass]) -> torch.Tensor:
+    """The step's sharpness: the one pass's, or the mean over the chunks."""
+    if len(parts) == 1:
+        return parts[0].sharpness
+    return torch.stack([torch.as_tensor(p.sharpness) for p in parts]).mean()

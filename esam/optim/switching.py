@@ -10,6 +10,10 @@ a plain step of the base optimizer (one forward, one backward), and a rule decid
 - ``AESAM`` (Jiang et al., ICLR 2023): the sharpness-aware step only when ||g||^2 is large
   against its running mean and deviation; it decides after the first pass and reuses it.
 
+Each rule *holds* its inner step (``opt.inner``, a :class:`SAM` or :class:`ESAM` on the rule's own
+base optimizer) and calls it; ``m``, ``bn_stats`` and the other inner keys are the inner's, so
+every rule perturbs the way SAM/ESAM does.
+
 The rules read training progress from ``opt.progress`` (the trainer calls ``set_progress``
 before every step). Every step logs ``sam_step`` (1 on sharpness-aware steps, else 0), so the
 trainer's per-epoch mean is the share of sharpness-aware steps, and ``sharpness`` (0 on plain
@@ -18,25 +22,17 @@ steps: divide its epoch mean by ``sam_step``'s for the mean over sharpness-aware
 from __future__ import annotations
 
 import math
-from enum import Enum
-from typing import Any, Iterable
+from typing import Any, Iterable, Literal
 
 import torch
 import torch.distributed as dist
 
-from esam.optim.base import Closure, global_norm
-from esam.optim.esam import ESAM, esam_cost
-from esam.optim.registry import MethodInfo, register_method
+from esam.optim.base import Closure, SharpnessAwareOptimizer, check_choice, global_norm
+from esam.optim.esam import ESAM, Selection, esam_cost
+from esam.optim.sam import SAM, BNStats, mean_sharpness
 
-INNER = ("sam", "esam")
-SCHEDULES = ("constant", "linear", "cosine")
-
-
-def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> str:
-    value = value.value if isinstance(value, Enum) else value
-    if value not in allowed:
-        raise ValueError(f"{key} must be one of {', '.join(allowed)}; got {key}={value!r}")
-    return value
+Inner = Literal["sam", "esam"]                    # the sharpness-aware step: SAM's, or ESAM's (beta, gamma)
+Schedule = Literal["constant", "linear", "cosine"]  # RST's p_t over training
 
 
 def _finite(key: str, value: Any) -> float:
@@ -45,33 +41,22 @@ def _finite(key: str, value: Any) -> float:
     return float(value)
 
 
-class SwitchingSAM(ESAM):
-    """The inner sharpness-aware step or a plain base step, as :meth:`_sam_now` decides.
+class _SwitchingRule(SharpnessAwareOptimizer):
+    """The inner sharpness-aware step (``self.inner``) or a plain base step, as :meth:`_sam_now`
+    decides. ``inner="sam"`` holds a :class:`SAM` (``beta``, ``gamma`` and ``selection`` then take
+    no part); ``inner="esam"`` an :class:`ESAM` (beta, gamma). Both step this rule's base optimizer."""
 
-    ``inner="sam"`` runs ESAM with beta = gamma = 1, which is SAM's step exactly (tested in
-    tests/test_fidelity.py); ``beta`` and ``gamma`` then take no part. ``inner="esam"`` runs
-    ESAM(beta, gamma). Other keywords (rho, adaptive, m, bn_stats, selection, eps) are the
-    inner's own.
-    """
-
-    def __init__(
-        self,
-        params: Iterable,
-        base_optimizer: str | type = "sgd",
-        *,
-        inner: str = "sam",
-        beta: float = 0.6,
-        gamma: float = 0.5,
-        **kwargs: Any,
-    ) -> None:
-        inner = _choice("inner", inner, INNER)
+    def _hold_inner(self, inner: str, *, rho: float, adaptive: bool, beta: float, gamma: float, m: int | None,
+                    bn_stats: str, selection: str, eps: float, seed: int | None) -> None:
+        inner = check_choice("inner", inner, Inner)
         for name, value in (("beta", beta), ("gamma", gamma)):  # checked even when unused
             if not 0.0 < value <= 1.0:
                 raise ValueError(f"{name} must be in (0, 1], got {name}={value}")
-        if inner == "sam":
-            beta = gamma = 1.0
-        super().__init__(params, base_optimizer, beta=beta, gamma=gamma, **kwargs)
-        self.inner = inner
+        sam_keys = dict(rho=rho, adaptive=adaptive, m=m, bn_stats=bn_stats, eps=eps, model=self.model, seed=seed)
+        groups = self.base_optimizer.param_groups
+        self.inner = (SAM(groups, self.base_optimizer, **sam_keys) if inner == "sam" else
+                      ESAM(groups, self.base_optimizer, beta=beta, gamma=gamma, selection=check_choice(
+                          "selection", selection, Selection), **sam_keys))
 
     def _sam_now(self) -> bool:  # pragma: no cover - abstract
         """Whether this step is sharpness-aware (decided before any pass)."""
@@ -79,16 +64,13 @@ class SwitchingSAM(ESAM):
 
     def step(self, closure: Closure, *, grad_scaler=None) -> torch.Tensor:
         if self._sam_now():
-            self.last_stats = {}
-            losses = super().step(closure, grad_scaler=grad_scaler)
-            self._record(sam=True, sharpness=self.last_stats.get("sharpness", 0.0),
-                         cost=self.last_cost if self.last_stats else 3.0)  # no stats: fp16 overflow
+            self.inner.phase_hook, self.inner.last_stats = self.phase_hook, {}
+            losses = self.inner.step(closure, grad_scaler=grad_scaler)
+            stats = self.inner.last_stats
+            self._record(sam=True, sharpness=stats.get("sharpness", 0.0),
+                         cost=self.inner.last_cost if stats else 3.0)  # no stats: fp16 overflow
             return losses
-        return self._plain_step(closure, grad_scaler)
-
-    def _plain_step(self, closure: Closure, grad_scaler) -> torch.Tensor:
-        """The base optimizer's step on one forward and one backward (synced under DDP)."""
-        losses = super()._plain_step(closure, grad_scaler)
+        losses = self._plain_step(closure, grad_scaler)
         self._record(sam=False, sharpness=0.0, cost=3.0)
         return losses
 
@@ -96,10 +78,19 @@ class SwitchingSAM(ESAM):
         self.last_stats = {"sam_step": 1.0 if sam else 0.0, "sharpness": sharpness}
         self.last_cost = float(cost)
 
+    # -- state: the rule's own plus the inner's (ESAM's SWP generator) --------------------------
+    def extra_state(self) -> dict[str, Any]:
+        return {**super().extra_state(), "inner": self.inner.extra_state()}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        super().load_extra_state(state)
+        # Checkpoints from before the rules held their inner step kept its generator at the top.
+        self.inner.load_extra_state(state.get("inner", state))
+
 
 def _inner_cost(inner: str, beta: float, gamma: float, **_: Any) -> float:
     """Units of one sharpness-aware step of the inner method."""
-    return 6.0 if _choice("inner", inner, INNER) == "sam" else esam_cost(beta, gamma)
+    return 6.0 if check_choice("inner", inner, Inner) == "sam" else esam_cost(beta, gamma)
 
 
 SWITCH_STATS = {
@@ -109,18 +100,25 @@ SWITCH_STATS = {
 
 
 # -- late-phase SAM ------------------------------------------------------------------------
-class LateSAM(SwitchingSAM):
+class LateSAM(_SwitchingRule):
     """Plain steps while ``opt.progress < start``, then the inner sharpness-aware step.
 
     Zhou et al. (ICLR 2025) switch SGD -> SAM at epoch 175 of 200 (Figure 1): start = 0.875.
     Without ``set_progress`` the progress stays 0, so every step is plain unless start = 0.
+    ``inner``, ``rho``, ``adaptive``, ``m``, ``bn_stats``, ``eps`` (and with inner=esam ``beta``,
+    ``gamma``, ``selection``) are the inner step's, as in :class:`SAM` and :class:`ESAM`.
     """
 
-    def __init__(self, params: Iterable, base_optimizer: str | type = "sgd", *,
-                 start: float = 0.875, **kwargs: Any) -> None:
+    def __init__(self, params: Iterable, base_optimizer: str | type | torch.optim.Optimizer = "sgd", *,
+                 start: float = 0.875, inner: Inner = "sam", rho: float = 0.05, adaptive: bool = False,
+                 beta: float = 0.6, gamma: float = 0.5, m: int | None = None, bn_stats: BNStats = "first",
+                 selection: Selection = "topk", eps: float = 1e-12,
+                 model: torch.nn.Module | None = None, seed: int | None = None, **base_kwargs: Any) -> None:
         if isinstance(start, bool) or not isinstance(start, (int, float)) or not 0.0 <= start <= 1.0:
             raise ValueError(f"start must be a share of training in [0, 1], got start={start!r}")
-        super().__init__(params, base_optimizer, **kwargs)
+        super().__init__(params, base_optimizer, model=model, seed=seed, **base_kwargs)
+        self._hold_inner(inner, rho=rho, adaptive=adaptive, beta=beta, gamma=gamma, m=m, bn_stats=bn_stats,
+                         selection=selection, eps=eps, seed=seed)
         self.start = float(start)
 
     def _sam_now(self) -> bool:
@@ -142,19 +140,23 @@ def _shared_seed(seed: int, params: list[torch.Tensor]) -> int:
     return int(t.item())
 
 
-class RST(SwitchingSAM):
+class RST(_SwitchingRule):
     """Each step a Bernoulli(p_t) draw picks the inner sharpness-aware step (else a plain one).
 
     ``schedule="constant"``: p_t = p. ``"linear"``: p_t = p + (p_end - p) t, ``"cosine"``:
     p_t = p_end + (p - p_end)(1 + cos(pi t)) / 2, with t = ``opt.progress`` in [0, 1].
     The draws come from their own generator, seeded by ``seed`` (rank 0's under DDP) and saved
-    in the state, so a resumed run draws what the straight run drew.
+    in the state, so a resumed run draws what the straight run drew. The inner step's keys as in
+    :class:`LateSAM`.
     """
 
-    def __init__(self, params: Iterable, base_optimizer: str | type = "sgd", *,
-                 schedule: str = "constant", p: float = 0.5, p_end: float | None = None,
-                 seed: int | None = None, **kwargs: Any) -> None:
-        schedule = _choice("schedule", schedule, SCHEDULES)
+    def __init__(self, params: Iterable, base_optimizer: str | type | torch.optim.Optimizer = "sgd", *,
+                 schedule: Schedule = "constant", p: float = 0.5, p_end: float | None = None,
+                 inner: Inner = "sam", rho: float = 0.05, adaptive: bool = False,
+                 beta: float = 0.6, gamma: float = 0.5, m: int | None = None, bn_stats: BNStats = "first",
+                 selection: Selection = "topk", eps: float = 1e-12,
+                 model: torch.nn.Module | None = None, seed: int | None = None, **base_kwargs: Any) -> None:
+        schedule = check_choice("schedule", schedule, Schedule)
         for key, value in (("p", p), ("p_end", p_end)):
             if key == "p_end" and value is None:
                 continue
@@ -165,7 +167,9 @@ class RST(SwitchingSAM):
                              f"(got p_end={p_end})")
         if schedule != "constant" and p_end is None:
             raise ValueError(f"schedule={schedule} needs p_end, the probability at the end of training")
-        super().__init__(params, base_optimizer, seed=seed, **kwargs)
+        super().__init__(params, base_optimizer, model=model, seed=seed, **base_kwargs)
+        self._hold_inner(inner, rho=rho, adaptive=adaptive, beta=beta, gamma=gamma, m=m, bn_stats=bn_stats,
+                         selection=selection, eps=eps, seed=seed)
         self.schedule, self.p = schedule, float(p)
         self.p_end = self.p if p_end is None else float(p_end)
         base_seed = torch.initial_seed() if seed is None else int(seed)
@@ -197,12 +201,12 @@ class RST(SwitchingSAM):
 def rst_cost(schedule: str, p: float, p_end: float | None, inner: str, beta: float, gamma: float,
              **_: Any) -> float:
     # Linear and cosine schedules both average (p + p_end) / 2 over training.
-    mean_p = p if p_end is None or _choice("schedule", schedule, SCHEDULES) == "constant" else (p + p_end) / 2
+    mean_p = p if p_end is None or check_choice("schedule", schedule, Schedule) == "constant" else (p + p_end) / 2
     return 3.0 + mean_p * (_inner_cost(inner, beta, gamma) - 3.0)
 
 
 # -- AE-SAM --------------------------------------------------------------------------------
-class AESAM(SwitchingSAM):
+class AESAM(_SwitchingRule):
     """The sharpness-aware step only where ||g_t||^2 >= mu_t + c_t sigma_t (Jiang et al., 2023).
 
     After the first pass at w (a full, synced gradient g_t, the one an SGD step needs):
@@ -216,19 +220,28 @@ class AESAM(SwitchingSAM):
 
     Under DDP the first backward all-reduces (unlike SAM's local one): the plain step needs
     the global gradient and every rank must take the same branch. Deciding reads ||g||^2 on
-    the host (one device sync per step). ``m`` (m-sharpness) is not supported: the test is
-    on the batch's gradient.
+    the host (one device sync per step).
+
+    ``m`` (m-sharpness), as B/m DDP ranks of AE-SAM would run it: the first pass (the decision
+    and the plain step) is the whole batch's and the perturbation e = rho g/||g|| is the batch
+    gradient's (under DDP it is all-reduced, so every rank perturbs alike); the second pass runs
+    chunk by chunk at w + e, each chunk with its own batch statistics and (inner=esam) its own SDS
+    selection, and the update is the mean of the chunks' gradients. ``bn_stats`` as in SAM.
+    The inner step's keys as in :class:`LateSAM`.
     """
 
-    def __init__(self, params: Iterable, base_optimizer: str | type = "sgd", *,
+    def __init__(self, params: Iterable, base_optimizer: str | type | torch.optim.Optimizer = "sgd", *,
                  delta: float = 0.9, lambda1: float = -1.0, lambda2: float = 1.0,
-                 **kwargs: Any) -> None:
+                 inner: Inner = "sam", rho: float = 0.05, adaptive: bool = False,
+                 beta: float = 0.6, gamma: float = 0.5, m: int | None = None, bn_stats: BNStats = "first",
+                 selection: Selection = "topk", eps: float = 1e-12,
+                 model: torch.nn.Module | None = None, seed: int | None = None, **base_kwargs: Any) -> None:
         if not 0.0 < _finite("delta", delta) < 1.0:
             raise ValueError(f"delta must be in (0, 1), got delta={delta}")
         lambda1, lambda2 = _finite("lambda1", lambda1), _finite("lambda2", lambda2)
-        if kwargs.get("m") is not None:
-            raise ValueError(f"m must be null for aesam (its test is on the batch's gradient), got m={kwargs['m']}")
-        super().__init__(params, base_optimizer, **kwargs)
+        super().__init__(params, base_optimizer, model=model, seed=seed, **base_kwargs)
+        self._hold_inner(inner, rho=rho, adaptive=adaptive, beta=beta, gamma=gamma, m=m, bn_stats=bn_stats,
+                         selection=selection, eps=eps, seed=seed)
         self.delta, self.lambda1, self.lambda2 = float(delta), lambda1, lambda2
         self.mu, self.var = 0.0, 0.0  # EMAs of ||g||^2 and of its squared deviation
 
@@ -247,11 +260,9 @@ class AESAM(SwitchingSAM):
         return norm * norm
 
     def step(self, closure: Closure, *, grad_scaler=None) -> torch.Tensor:
-        self.zero_grad()
-        self._phase("first_pass")
-        losses_w = closure()
-        self._backward(losses_w.mean(), grad_scaler)
-        losses_w = losses_w.detach()
+        inner = self.inner
+        inner.phase_hook = self.phase_hook
+        losses_w = inner.first_pass(closure, grad_scaler=grad_scaler, sync=True)  # the global g
 
         sq = self._grad_sq_norm(grad_scaler)
         take = False
@@ -267,19 +278,43 @@ class AESAM(SwitchingSAM):
             return losses_w
 
         # The inner step, its first pass being the one above (all tensors got a gradient).
-        participants = self._draw_participants()  # ESAM's SWP: which tensors are perturbed
-        part = self._ascent_pass(closure, losses_w, participants, len(self._trainable()) - len(participants),
-                                 None, grad_scaler)
-        if part.overflow:  # fp16 overflow: skipped, as GradScaler skips an inf step
+        participants = inner.draw_participants()  # ESAM's SWP: which tensors are perturbed
+        parts = self._ascent(closure, losses_w, participants, grad_scaler)
+        if parts is None:  # fp16 overflow: skipped, as GradScaler skips an inf step
             self.zero_grad()
             self._phase("end")
             self._record(sam=True, sharpness=0.0, cost=3.0)
             return losses_w
         self._base_step(grad_scaler)
         self._phase("end")
+        kept, selected = sum(q.kept for q in parts), sum(q.selected for q in parts) / len(parts)
         # full first pass 3 + selection forward (if any) + second forward/backward on the kept samples
-        self._record(sam=True, sharpness=part.sharpness, cost=3.0 + float(part.selected) + 3.0 * part.kept / part.n)
+        self._record(sam=True, sharpness=mean_sharpness(parts),
+                     cost=3.0 + float(selected) + 3.0 * kept / losses_w.shape[0])
         return losses_w
+
+    def _ascent(self, closure: Closure, losses_w: torch.Tensor, participants: list[torch.Tensor],
+                grad_scaler) -> list | None:
+        """Perturb along the batch's g, the second pass (chunk by chunk under ``m``), restore."""
+        inner = self.inner
+        chunks = inner.chunks(closure)
+        if len(chunks) == 1:
+            part = inner.ascent_pass(closure, losses_w, participants=participants, grad_scaler=grad_scaler)
+            return None if part.overflow else [part]
+        self._phase("perturb")
+        perturbed = inner.perturb(participants, grad_scaler)
+        if perturbed is None:
+            return None
+        carry, parts = None, []
+        for c, subset in enumerate(chunks):
+            last = c == len(chunks) - 1
+            parts.append(inner.second_pass(closure, losses_w.index_select(0, subset), subset,
+                                           grad_scaler=grad_scaler, update_bn=c == 0, scale=1.0 / len(chunks),
+                                           carry=carry, sync=last))
+            carry = None if last else inner.take_grads()
+        self._phase("restore")
+        inner.restore(perturbed)
+        return parts
 
     def extra_state(self) -> dict[str, Any]:
         return {**super().extra_state(), "aesam": {"mu": self.mu, "var": self.var}}
@@ -312,41 +347,6 @@ def aesam_cost(lambda1: float, lambda2: float, inner: str, beta: float, gamma: f
     """A plain step 3; a sharpness-aware one reuses the first pass (3) and adds the selection
     forward (ESAM with gamma < 1) and the second pass 3 * gamma. The share is the normal model's
     (0.5 at the paper's lambda1 = -1, lambda2 = 1): an expectation, not a bound."""
-    extra = 3.0 if _choice("inner", inner, INNER) == "sam" else float(gamma < 1.0) + 3.0 * gamma
+    extra = 3.0 if check_choice("inner", inner, Inner) == "sam" else float(gamma < 1.0) + 3.0 * gamma
     return 3.0 + aesam_share(lambda1, lambda2) * extra
 
-
-# The inner's own keys, with SAM's/ESAM's defaults (beta, gamma, selection act only with inner=esam).
-_INNER_HPARAMS = {"inner": "sam", "rho": 0.05, "adaptive": False, "beta": 0.6, "gamma": 0.5,
-                  "m": None, "bn_stats": "first", "selection": "topk"}
-
-register_method(MethodInfo(
-    name="latesam", cls=LateSAM,
-    paper="Zhou et al., Sharpness-Aware Minimization Efficiently Selects Flatter Minima Late in "
-          "Training, ICLR 2025 (arXiv 2410.10373)",
-    cost_units=latesam_cost,
-    hparams={"start": 0.875, **_INNER_HPARAMS},
-    stats=SWITCH_STATS,
-    description="plain base steps until a share `start` of training, then the inner SAM/ESAM step",
-))
-
-register_method(MethodInfo(
-    name="rst", cls=RST,
-    paper="Zhao, Zhang and Hu, Randomized Sharpness-Aware Training for Boosting Computational "
-          "Efficiency in Deep Learning, 2022 (arXiv 2203.09962; first titled SS-SAM)",
-    cost_units=rst_cost,
-    hparams={"schedule": "constant", "p": 0.5, "p_end": None, **_INNER_HPARAMS},
-    stats=SWITCH_STATS,
-    description="each step a Bernoulli(p_t) draw picks the inner SAM/ESAM step or a plain base step",
-))
-
-register_method(MethodInfo(
-    name="aesam", cls=AESAM,
-    paper="Jiang, Yang, Zhang and Kwok, An Adaptive Policy to Employ Sharpness-Aware "
-          "Minimization, ICLR 2023 (arXiv 2304.14647)",
-    cost_units=aesam_cost,
-    hparams={"delta": 0.9, "lambda1": -1.0, "lambda2": 1.0, **_INNER_HPARAMS},  # m: must stay None
-    stats=SWITCH_STATS,
-    description="the inner SAM/ESAM step only where ||g||^2 >= mu + c_t sigma (EMAs of ||g||^2), "
-                "else the base step on g: cost adaptive (expected share 0.5 at the defaults)",
-))
