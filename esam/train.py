@@ -119,8 +119,9 @@ def resume_into_its_folder(argv: list[str]) -> list[str]:
 def schema_choice_problem(argv: list[str]) -> str | None:
     """Why an override picks a schema (``optimizer=esam_schema``), or None. Hydra lists the
     structured-config schemas (esam/config.py) among a group's options, since they are stored in
-    the group they check, but they are not choices: a run on one is a traceback. Generic: any
-    name the ConfigStore holds for a group of conf/ that has no file there is a schema."""
+    the group they check, but they are not choices: a run on one is a traceback. Generic: every
+    schema is stored as ``<name>_schema`` (esam/config.py, esam/recipes.py); the other stored
+    options (experiment=<recipe>_<method>) are real choices."""
     from hydra.core.config_store import ConfigStore
 
     conf = Path(CONFIG_DIR)
@@ -135,8 +136,9 @@ def schema_choice_problem(argv: list[str]) -> str | None:
             continue
         for choice in value.split(","):  # a multirun sweep names several
             choice = choice.strip()
-            if choice in stored and not (conf / key / f"{choice}.yaml").is_file():
-                options = ", ".join(sorted(p.stem for p in (conf / key).glob("*.yaml")))
+            if choice in stored and choice.endswith("_schema") and not (conf / key / f"{choice}.yaml").is_file():
+                options = ", ".join(sorted({p.stem for p in (conf / key).glob("*.yaml")}
+                                           | {n for n in stored if not n.endswith("_schema")}))
                 return (f"{key}={choice} is the schema that checks the {key} options, not one of them; "
                         f"choose one of: {options}")
     return None
