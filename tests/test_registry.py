@@ -171,7 +171,7 @@ ACTING = {
     "sam": {"rho": (0.2, {}), "adaptive": (True, {}), "m": (4, {}), "bn_stats": ("all", {}), "eps": (1.0, {})},
     "esam": {"rho": (0.2, {}), "beta": (0.5, {}), "gamma": (1.0, {}), "adaptive": (True, {}), "m": (4, {}),
              "bn_stats": ("all", {}), "selection": ("authors", {}), "eps": (1.0, {})},
-    "looksam": {"rho": (0.2, {}), "k": (2, {}), "alpha": (0.7, {}), "adaptive": (True, {}), "m": (4, {}),
+    "looksam": {"rho": (0.2, {}), "k": (2, {}), "alpha": (0.2, {}), "adaptive": (True, {}), "m": (4, {}),
                 "bn_stats": ("all", {}), "eps": (1.0, {})},
     "gsam": {"rho": (0.2, {}), "rho_min": (0.04, {"lr_min": 0.01}), "alpha": (0.5, {}), "lr_min": (0.01, {}),
              "adaptive": (True, {}), "m": (4, {}), "bn_stats": ("all", {}), "eps": (1.0, {})},
@@ -247,17 +247,24 @@ def test_sam_based_methods_take_m_and_bn_stats_like_sam():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_optimizer_yaml_states_only_what_differs_from_the_constructor(name):
-    """conf/optimizer/<name>.yaml restates no default: the schema (from the signature) holds them."""
+    """conf/optimizer/<name>.yaml restates no default: the schema (from the signature) holds them.
+    What it does set is the recipe's SAM terms (``${sam.rho}`` ...: one value for every SAM-based
+    method, esam/recipes.py), and the composed config carries those."""
     from pathlib import Path
 
     own = OmegaConf.to_container(OmegaConf.load(Path(CONFIG_DIR) / "optimizer" / f"{name}.yaml"))
+    from_recipe = {k: v[len("${sam."):-1] for k, v in own.items()
+                   if isinstance(v, str) and v.startswith("${sam.") and v.endswith("}")}
+    own = {k: v for k, v in own.items() if k not in from_recipe}
     defaults = METHODS[name].hparams
     restated = {k: v for k, v in own.items() if k in defaults and v == defaults[k]}
     assert not restated, f"conf/optimizer/{name}.yaml restates the constructor's {restated}"
     assert not {"lr", "weight_decay"} & set(own), "lr and weight_decay come from the schema (esam.config)"
-    cfg = compose_cfg([f"optimizer={name}"]).optimizer
+    root = compose_cfg([f"optimizer={name}"])
+    cfg = root.optimizer
     for k, v in defaults.items():  # and the composed config carries the constructor's values
-        assert getattr(cfg[k], "value", cfg[k]) == v, (name, k)
+        expected = root.sam[from_recipe[k]] if k in from_recipe else v
+        assert getattr(cfg[k], "value", cfg[k]) == getattr(expected, "value", expected), (name, k)
 
 
 # -- one registry helper for methods, models and datasets; no import circle ---------------------
