@@ -91,3 +91,9 @@ reproduce-cpu: install ## The CPU benchmark in results/cpu-benchmark (digits, 40
 	$(PYTHON) -m esam.train -m +sweep=cpu_benchmark_budget optimizer=gsam,ksam,looksam,latesam,rst,aesam hydra.sweep.dir=$(CPU_DIR)/budget_field $(ARGS)
 	$(PYTHON) -m esam.train -m +sweep=cpu_benchmark_budget_base optimizer=msam,saf,mesa hydra.sweep.dir=$(CPU_DIR)/budget_field_base $(ARGS)
 	$(PYTHON) -m esam.report $(CPU_DIR) --out results/cpu-benchmark
+
+# -- The leaderboard (issue 21; results/leaderboard/README.md) ---------------------------------
+SUITE ?= cpu
+.PHONY: leaderboard
+leaderboard: install ## Equal-tuning leaderboard: every method x workload, 8 quasi-random trials, best by validation x 5 seeds, then results/leaderboard/ (resumable; SUITE=cifar for GPU/Slurm)
+	OMP_NUM_THREADS=1 $(PYTHON) -m esam.leaderboard --suite $(SUITE) $(ARGS)
