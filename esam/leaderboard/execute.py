@@ -10,6 +10,7 @@ to Slurm (or runs them locally where there is none) through submitit, as hydra/l
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shlex
@@ -28,18 +29,49 @@ def command_line(overrides: Sequence[str], run_dir: str | Path) -> str:
     return " ".join(["python -m esam.train", *map(shlex.quote, overrides), f"hydra.run.dir={shlex.quote(str(run_dir))}"])
 
 
+# Overrides that set one value (no config group, no '+'): applied onto a config composed once per
+# process for the rest, as Hydra would apply them. Composing takes about as long as one of the
+# board's runs trains, so the trials of a (workload, method) share one compose.
+VALUE_KEYS = ("optimizer.", "seed=")
+
+
+def compose_run(overrides: Sequence[str]):
+    """The config ``python -m esam.train <overrides>`` would train (see :data:`VALUE_KEYS`)."""
+    import copy
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    values = [o for o in overrides if o.startswith(VALUE_KEYS)]
+    cfg = copy.deepcopy(_compose_base(tuple(o for o in overrides if not o.startswith(VALUE_KEYS))))
+    parser = OverridesParser.create()
+    for o in values:
+        parsed = parser.parse_override(o)
+        OmegaConf.update(cfg, parsed.key_or_group, parsed.value(), merge=False)
+    return cfg
+
+
+@functools.lru_cache(maxsize=64)
+def _compose_base(overrides: tuple[str, ...]):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    import esam.config  # noqa: F401  (the schemas)
+    from esam.train import CONFIG_DIR
+
+    if GlobalHydra.instance().is_initialized():  # inside a Hydra app or a caller's initialize
+        return compose("train", overrides=list(overrides))
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
 def run_job(overrides: Sequence[str], run_dir: str) -> str:
     """Train one run into ``run_dir``: "done", or "failed: <why>" (failed.json says it too: a
     diverged trial is a result of its setting, so it is not launched again)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
-    import esam.config  # noqa: F401  (the schemas)
-    from esam.train import CONFIG_DIR, run
+    from esam.train import run
 
-    if not GlobalHydra.instance().is_initialized():
-        initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3")  # once per process
     folder = Path(run_dir)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "command.txt").write_text(command_line(overrides, run_dir) + "\n")
@@ -49,7 +81,7 @@ def run_job(overrides: Sequence[str], run_dir: str) -> str:
     esam_log.setLevel(logging.INFO)
     esam_log.propagate = False  # the run's lines go to its train.log, not to the board's console
     try:
-        cfg = compose("train", overrides=list(overrides))
+        cfg = compose_run(overrides)
         OmegaConf.save(cfg, folder / "config.yaml")
         run(cfg, folder)
         # The board reads metrics.jsonl and summary.json only; the final weights (and optimizer

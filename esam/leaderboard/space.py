@@ -7,6 +7,7 @@ optuna < 3.0, and QMCSampler arrived in Optuna 3.0.
 """
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 from dataclasses import dataclass
@@ -80,6 +81,7 @@ def stable_seed(*names: str) -> int:
     return zlib.crc32("/".join(names).encode()) & 0x7FFF_FFFF
 
 
+@functools.lru_cache(maxsize=None)
 def load_space(method: str, space_dir: Path | str = SPACE_DIR) -> SearchSpace:
     path = Path(space_dir) / f"{method}.yaml"
     if not path.is_file():
