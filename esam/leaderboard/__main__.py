@@ -26,9 +26,12 @@ def main(argv: list[str] | None = None, *, runner=None) -> dict:
     p.add_argument("--jobs", type=int, default=None, help="parallel runs (default: the suite's n_jobs)")
     p.add_argument("--root", default=None, help="run folders (default: the suite's root)")
     p.add_argument("--out", default=None, help="report folder (default: the suite's out)")
+    p.add_argument("--executor", choices=["joblib", "submitit"], default=None, help="default: the suite's")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="change a suite key (dotted, e.g. submitit.slurm_partition=gpu, trials=4)")
     p.add_argument("--report-only", action="store_true", help="launch nothing; report what has finished")
     args = p.parse_args(argv)
-    kw = {"n_jobs": args.jobs, "root": args.root, "out": args.out}
+    kw = {"n_jobs": args.jobs, "root": args.root, "out": args.out, "executor": args.executor, "dotlist": args.set}
     suite = load_suite(args.suite, **({"suite_dir": args.suite_dir} if args.suite_dir else {}), **kw)
     return build_board(suite, report_only=args.report_only, **({"runner": runner} if runner else {}))
 

@@ -34,13 +34,16 @@ class Suite:
     submitit: dict[str, Any] = field(default_factory=dict)
 
 
-def load_suite(name: str, suite_dir: Path | str = SUITE_DIR, **changes: Any) -> Suite:
-    """The suite file ``<suite_dir>/<name>.yaml``, with ``changes`` (e.g. root=..., n_jobs=1) on top."""
+def load_suite(name: str, suite_dir: Path | str = SUITE_DIR, dotlist: list[str] | None = None,
+               **changes: Any) -> Suite:
+    """The suite file ``<suite_dir>/<name>.yaml``, with ``dotlist`` (["trials=4", ...]) and
+    ``changes`` (e.g. root=..., n_jobs=1; None = keep) on top."""
     path = Path(suite_dir) / f"{name}.yaml"
     if not path.is_file():
         have = sorted(p.stem for p in Path(suite_dir).glob("*.yaml"))
         raise UserError(f"unknown suite {name!r}; allowed: {', '.join(have)}")
-    raw = {**OmegaConf.to_container(OmegaConf.load(path), resolve=True), **{k: v for k, v in changes.items() if v is not None}}
+    conf = OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_dotlist(list(dotlist or [])))
+    raw = {**OmegaConf.to_container(conf, resolve=True), **{k: v for k, v in changes.items() if v is not None}}
     allowed = set(Suite.__dataclass_fields__) - {"name"}
     unknown = set(raw) - allowed
     if unknown:

@@ -70,6 +70,7 @@ def write(result: dict[str, Any], suite: Suite, out: Path) -> None:
     _csv(out / "trials.csv", [{k: _fmt(v) for k, v in r.items()} for r in result["trials"]])
     _csv(out / "runs.csv", [{k: _fmt(v) for k, v in r.items()} for r in result["runs"]])
     (out / "table.md").write_text(tables(result, suite))
+    (out / "search_spaces.md").write_text(search_spaces(suite))
     plots(result, suite, out)
 
 
@@ -126,6 +127,23 @@ def tables(result: dict[str, Any], suite: Suite) -> str:
         lines.append(f"| {w} | " + " | ".join(cells) + " |")
     lines += ["", _provenance(), ""]
     return "\n".join(lines)
+
+
+def search_spaces(suite: Suite) -> str:
+    """The declared spaces (conf/search_space/<method>.yaml) as one table."""
+    from esam.leaderboard.space import load_space
+
+    lines = [f"<!-- written by python -m esam.leaderboard --suite {suite.name}; do not edit -->", "",
+             f"{suite.trials} scrambled-Sobol trials per method per workload from these spaces "
+             "(conf/search_space/<method>.yaml); everything else is the method's conf/optimizer default.", "",
+             "| method | tuned knobs (range, scale) | fixed for every trial |", "|---|---|---|"]
+    for m in suite.methods:
+        sp = load_space(m)
+        knobs = ", ".join(f"{p.name} [{score_fmt(p.low)}, {score_fmt(p.high)}]"
+                          f"{' log' if p.log else ' int' if p.integer else ''}" for p in sp.params)
+        fixed = ", ".join(f"{k}={v}" for k, v in sp.fixed.items()) or "–"
+        lines.append(f"| {m} | {knobs} | {fixed} |")
+    return "\n".join(lines) + "\n"
 
 
 def _diff(a, b) -> str:
