@@ -1,4 +1,4 @@
-"""Dataset builders: ``build_data(name, ...)`` -> :class:`DataBundle` of train/test loaders.
+"""Dataset builders: ``build_data(name, ...)`` -> :class:`DataBundle` of train/test (and validation) loaders.
 
 Loaders yield (images, labels) already on the training device and normalised;
 ``loader.batches(epoch, start)`` resumes at any batch, ``len(loader)`` counts batches.

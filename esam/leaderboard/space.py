@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from omegaconf import OmegaConf
 from scipy.stats import qmc
 
@@ -108,7 +107,3 @@ def load_space(method: str, space_dir: Path | str = SPACE_DIR) -> SearchSpace:
 def trials_for(workload: str, method: str, n: int, space_dir: Path | str = SPACE_DIR) -> list[dict[str, Any]]:
     """The ``n`` trials ``method`` gets on ``workload``."""
     return load_space(method, space_dir).draw(n, stable_seed(workload, method))
-
-
-def as_array(trials: list[dict[str, Any]]) -> np.ndarray:
-    return np.array([[float(v) for v in t.values()] for t in trials])
