@@ -92,3 +92,9 @@ reproduce-cpu: install ## The CPU benchmark in results/cpu-benchmark (digits, 40
 	$(PYTHON) -m esam.train -m +sweep=cpu_benchmark_budget optimizer=mesa optimizer.decay=0.9891 hydra.sweep.dir=$(CPU_DIR)/budget_mesa $(ARGS)
 	$(PYTHON) -m esam.train -m +sweep=cpu_benchmark_sgd_tuned trainer.budget=10,20,40 hydra.sweep.dir=$(CPU_DIR)/budget_sgd_tuned $(ARGS)
 	$(PYTHON) -m esam.report $(CPU_DIR) --out results/cpu-benchmark
+
+# -- The leaderboard (issue 21; results/leaderboard/README.md) ---------------------------------
+SUITE ?= cpu
+.PHONY: leaderboard
+leaderboard: install ## Equal-tuning leaderboard: every method x workload, 8 quasi-random trials, best by validation x 5 seeds, then results/leaderboard/ (resumable; SUITE=cifar for GPU/Slurm)
+	OMP_NUM_THREADS=1 $(PYTHON) -m esam.leaderboard --suite $(SUITE) $(ARGS)

@@ -19,6 +19,8 @@ class DataBundle:
     image_size: int
     num_train: int
     num_test: int
+    val: Any = None              # a validation split carved from the training data (val_fraction > 0)
+    num_val: int = 0
 
 
 LOADER_KEYS = ("batch_size", "test_batch_size", "augment", "seed", "drop_last", "device",
@@ -28,6 +30,25 @@ LOADER_KEYS = ("batch_size", "test_batch_size", "augment", "seed", "drop_last", 
 def loader_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     """The part of a dataset config the loaders use (builders take the rest)."""
     return {k: kwargs[k] for k in LOADER_KEYS if k in kwargs}
+
+
+# The validation split is a property of the dataset, like the split seed's test set: one fixed
+# draw (offset from the split seed, unrelated to the noise draw) for every method and run seed.
+VAL_SEED_OFFSET = 2_000_029
+
+
+def carve_validation(images: torch.Tensor, labels: torch.Tensor, fraction: float, seed: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(train images, train labels, val images, val labels): exactly round(fraction * n) training
+    samples, drawn uniformly by ``seed + VAL_SEED_OFFSET``, become the validation split. They keep
+    the labels they have (noisy ones stay noisy: a user with noisy training labels has no clean
+    ones to validate on). ``fraction`` 0 returns empty validation tensors."""
+    if not 0.0 <= fraction < 1.0:
+        raise UserError(f"dataset.val_fraction={fraction} must be a fraction in [0, 1)")
+    n_val = int(round(fraction * images.shape[0]))
+    order = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(seed + VAL_SEED_OFFSET))
+    val, train = order[:n_val].sort().values, order[n_val:].sort().values
+    return images[train], labels[train], images[val], labels[val]
 
 
 def check_batch_sizes(batch_size: int, test_batch_size: int, num_train: int, num_test: int,
@@ -59,8 +80,11 @@ def tensor_bundle(
     channels_last: bool = False,
     rank: int = 0,
     world_size: int = 1,
+    val_images: torch.Tensor | None = None,
+    val_labels: torch.Tensor | None = None,
 ) -> DataBundle:
-    """Wrap in-memory uint8 tensors into train/test :class:`TensorLoader` s."""
+    """Wrap in-memory uint8 tensors into train/test (and validation, if given and non-empty)
+    :class:`TensorLoader` s."""
     if isinstance(augment, dict):
         augment = Augment(**augment)
     test_bs = check_batch_sizes(batch_size, test_batch_size, train_images.shape[0], test_images.shape[0],
@@ -73,5 +97,10 @@ def tensor_bundle(
                          augment=augment, drop_last=drop_last, **common)
     test = TensorLoader(test_images, test_labels, batch_size=test_bs,
                         train=False, **common)
+    val = None
+    if val_images is not None and val_images.shape[0] > 0:
+        val = TensorLoader(val_images, val_labels, batch_size=max(world_size, min(test_bs, val_images.shape[0])),
+                           train=False, **common)
     return DataBundle(train, test, num_classes, train_images.shape[1], train_images.shape[-1],
-                      train_images.shape[0], test_images.shape[0])
+                      train_images.shape[0], test_images.shape[0], val=val,
+                      num_val=0 if val is None else val_images.shape[0])

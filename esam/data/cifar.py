@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from esam.data.bundle import DataBundle, loader_kwargs, tensor_bundle
+from esam.data.bundle import DataBundle, carve_validation, loader_kwargs, tensor_bundle
 from esam.data.registry import register_dataset
 from esam.errors import UserError
 
@@ -43,12 +43,15 @@ def load_cifar_arrays(name: str, root: str, download: bool) -> tuple[np.ndarray,
     return train.data, np.asarray(train.targets), test.data, np.asarray(test.targets)
 
 
-def _build(name: str, *, root: str = "data", download: bool = True, **kwargs: Any) -> DataBundle:
+def _build(name: str, *, root: str = "data", download: bool = True, val_fraction: float = 0.0,
+           **kwargs: Any) -> DataBundle:
+    """``val_fraction`` of the training images become a validation split (the leaderboard's)."""
     x_tr, y_tr, x_te, y_te = load_cifar_arrays(name, root, download)
     to_nchw = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))  # noqa: E731
     mean, std = STATS[name]
+    x_tr, y_tr, x_val, y_val = carve_validation(to_nchw(x_tr), torch.from_numpy(y_tr), val_fraction, 0)
     return tensor_bundle(
-        to_nchw(x_tr), torch.from_numpy(y_tr), to_nchw(x_te), torch.from_numpy(y_te),
+        x_tr, y_tr, to_nchw(x_te), torch.from_numpy(y_te), val_images=x_val, val_labels=y_val,
         num_classes=100 if name == "cifar100" else 10, mean=mean, std=std, **loader_kwargs(kwargs),
     )
 

@@ -89,6 +89,8 @@ def summarize(run: Any, history: list[dict[str, Any]], *, train_time_s: float, p
         "test_acc_best": best["test_acc"],
         "best_epoch": best["epoch"],
         "train_loss_final": h[-1]["train_loss"],
+        "val_acc_final": h[-1].get("val_acc"),   # null without a validation split
+        "val_loss_final": h[-1].get("val_loss"),
         "train_time_s": train_time_s,
         "train_step_time_s": timed_s,
         "img_per_s": sum(imgs) / len(imgs) if imgs else None,  # JSON null, not NaN

@@ -265,11 +265,19 @@ class Trainer:
         return {"final_hooks": names, **after}
 
     def _evaluate(self) -> dict[str, float]:
+        """Test metrics, and the validation split's (val_*) where the dataset carved one: what
+        model selection may read (esam.leaderboard never reads test_*)."""
+        out = self._evaluate_on(self.run.data.test, "test")
+        if getattr(self.run.data, "val", None) is not None:
+            out.update(self._evaluate_on(self.run.data.val, "val"))
+        return out
+
+    def _evaluate_on(self, loader, prefix: str) -> dict[str, float]:
         run = self.run
         run.ddp_model.eval()
         sums = torch.zeros(4, device=run.device, dtype=torch.float64)  # loss, top1, top5, n
         limit = self.cfg.trainer.limit_test_batches
-        for b, (x, y) in enumerate(run.data.test.batches(0)):
+        for b, (x, y) in enumerate(loader.batches(0)):
             if limit and b >= limit:
                 break
             with run.autocast():
@@ -283,7 +291,7 @@ class Trainer:
         if run.dist.world_size > 1:
             dist.all_reduce(sums)
         loss, top1, top5, n = sums.tolist()
-        return {"test_loss": loss / n, "test_acc": 100.0 * top1 / n, "test_acc5": 100.0 * top5 / n}
+        return {f"{prefix}_loss": loss / n, f"{prefix}_acc": 100.0 * top1 / n, f"{prefix}_acc5": 100.0 * top5 / n}
 
     def _end_epoch(self, record: dict[str, Any], logger) -> None:
         """Count the epoch as done, write its line everywhere, then checkpoint."""

@@ -3,6 +3,7 @@ from esam.models import resnet  # noqa: F401  (registers resnet18, resnet_digits
 from esam.models import wideresnet  # noqa: F401  (registers wrn28_10)
 from esam.models import pyramidnet  # noqa: F401  (registers pyramidnet110)
 from esam.models import imagenet  # noqa: F401  (registers resnet50, resnet101, timm)
+from esam.models import mlp  # noqa: F401  (registers mlp)
 from esam.models.registry import (
     MODELS,
     NATIVE_SHAPES,
