@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from esam.data import VAL_SEED_OFFSET, build_data, carve_validation
+from esam.data import build_data, carve_validation
+from esam.data.bundle import VAL_SEED_OFFSET
 from esam.data.digits import flip_labels
 from esam.errors import UserError
 
