@@ -177,3 +177,27 @@ def test_make_targets_name_existing_recipes(target, model, experiment):
     line = out.stdout.strip().splitlines()[-1]
     assert re.search(rf"esam\.train -m experiment={experiment} seed=0,1,2", line), line
     assert experiment in set(recipes_module.experiment_cells()) | set(FILES)
+
+
+# The SAM terms a recipe sets once reach every SAM-based method (esam/recipes.py, conf/sam/).
+SAM_BASED = ("sam", "esam", "esam_swp", "esam_sds", "looksam", "gsam", "ksam", "latesam", "rst", "aesam")
+
+
+@pytest.mark.parametrize("option", SAM_BASED)
+def test_the_recipes_sam_terms_reach_every_sam_based_method(option):
+    cfg = compose_cfg([f"optimizer={option}", "sam.rho=0.123", "sam.m=4", "sam.bn_stats=all", "sam.eps=1e-9"])
+    spec = OmegaConf.to_container(cfg.optimizer, resolve=True)
+    assert (spec["rho"], spec["m"], str(getattr(spec["bn_stats"], "value", spec["bn_stats"])), spec["eps"]) == \
+        (0.123, 4, "all", 1e-9)
+    if option == "gsam":  # like-for-like: a constant radius, as SAM's
+        assert spec["rho_min"] == 0.123
+    opt = build_from_spec(spec, torch.nn.Linear(2, 2).parameters())
+    inner = getattr(opt, "inner", opt)
+    assert (inner.m, inner.bn_stats) == (4, "all")
+
+
+@pytest.mark.parametrize("option", ["msam", "saf", "mesa", "sgd"])
+def test_methods_without_a_sam_radius_keep_their_own(option):
+    """MSAM's rho is on another scale (3.0); SAF, MESA and SGD have none: sam.rho leaves them alone."""
+    plain, moved = compose_cfg([f"optimizer={option}"]), compose_cfg([f"optimizer={option}", "sam.rho=0.123"])
+    assert plain.optimizer == moved.optimizer
