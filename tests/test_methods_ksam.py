@@ -15,11 +15,11 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from switch_helpers import train_digits
-from ddp_helpers import ddp_weights
+from helpers import train_digits
+from helpers import ddp_weights
 from esam.optim import METHODS, SAM, SGD
 from esam.optim.ksam import KSAM
-from test_optim import (LR, MOMENTUM, RHO, TIGHT, WD, Reference, assert_all_close, assert_all_equal,
+from helpers import (LR, MOMENTUM, RHO, TIGHT, WD, Reference, assert_all_close, assert_all_equal,
                         batch, batches, convnet, loss_and_grad, make_closure, mlp, sam_perturbation,
                         weights)
 
@@ -152,6 +152,7 @@ def test_trains_through_the_shared_trainer(tmp_path):
 
 
 
+@pytest.mark.ddp
 def test_ddp_ranks_select_and_perturb_locally(tmp_path):
     rank0, rank1 = ddp_weights(
         tmp_path, "ksam", dict(base_optimizer="sgd", rho=0.5, k_frac=0.5, **KW), steps=3)

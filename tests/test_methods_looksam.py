@@ -13,11 +13,11 @@ import torch
 import torch.multiprocessing as mp
 from torch.utils.flop_counter import FlopCounterMode
 
-from switch_helpers import train_digits
-from ddp_helpers import ddp_weights
+from helpers import counting_closure, train_digits
+from helpers import ddp_weights
 from esam.optim import METHODS, SAM, SGD
 from esam.optim.looksam import LookSAM
-from test_optim import (LR, MOMENTUM, RHO, TIGHT, WD, Reference, assert_all_close, assert_all_equal,
+from helpers import (LR, MOMENTUM, RHO, TIGHT, WD, Reference, assert_all_close, assert_all_equal,
                         batch, batches, convnet, global_norm, loss_and_grad, make_closure, mlp,
                         sam_perturbation, weights)
 
@@ -30,18 +30,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def dot(a, b) -> torch.Tensor:
     return sum((x * y).sum() for x, y in zip(a, b))
-
-
-def counting_closure(model, x, y, calls: list, backwards: list):
-    """make_closure's closure that also counts the backward passes through its losses."""
-    inner = make_closure(model, x, y, calls)
-
-    def closure(indices=None):
-        losses = inner(indices)
-        if losses.requires_grad:
-            losses.register_hook(lambda g: backwards.append(1))
-        return losses
-    return closure
 
 
 @pytest.mark.parametrize("kind", ["mlp", "convnet"])
@@ -233,6 +221,7 @@ def test_trains_through_the_shared_trainer(tmp_path):
 
 
 
+@pytest.mark.ddp
 def test_ddp_ranks_share_g_v_and_equal_one_process_on_the_whole_batch(tmp_path):
     rank0, rank1 = ddp_weights(
         tmp_path, "looksam", dict(base_optimizer="sgd", rho=RHO, k=2, alpha=0.7, **KW), steps=4)

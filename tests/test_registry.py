@@ -13,7 +13,7 @@ from esam.errors import UserError
 from esam.optim import METHODS, SGD, build_from_spec, build_optimizer, get_method, make_closure
 from esam.train import CONFIG_DIR
 from conftest import compose_cfg
-from test_optim import batches, convnet, weights
+from helpers import batches, convnet, weights
 
 NAMES = sorted(METHODS)
 KW = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
