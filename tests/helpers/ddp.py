@@ -182,6 +182,21 @@ def ddp_decisions(tmp_path, name: str, **kwargs) -> list[dict]:
     return two_ranks().spawn(_decisions_job, (WORLD, free_port(), name, kwargs))
 
 
+def train_job(rank: int, overrides: list[str], out: str) -> tuple[list[dict], int]:
+    """A one-process ``esam.train`` run (no process group) into out/rank<R>: its metrics rows, and
+    this process's ``hash("esam")`` (which shows whether the ranks' hash salts differ)."""
+    import json
+    from pathlib import Path
+
+    from esam.train import run
+    from helpers.cli import compose_cfg
+
+    folder = Path(out) / f"rank{rank}"
+    with contextlib.redirect_stdout(io.StringIO()):
+        run(compose_cfg(list(overrides)), folder)
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()], hash("esam")
+
+
 # -- the in-process fake -------------------------------------------------------------------------
 class FakeDDP(nn.Sequential):
     """An nn.Sequential with DDP's ``no_sync``: ``syncing`` says whether a backward now would all-reduce."""
