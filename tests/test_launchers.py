@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from esam.runtime import env_from_submitit
-from conftest import FAST, REPO, run_cli
+from helpers import FAST, REPO, run_cli
 
 CPU = [*FAST, "trainer.num_threads=1"]
 

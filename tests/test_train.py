@@ -9,7 +9,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from esam.train import CONFIG_DIR, run
-from conftest import FAST, compose_cfg, run_cli
+from helpers import FAST, compose_cfg, run_cli
 
 GROUPS = ["dataset", "model", "optimizer", "trainer", "logger"]
 
