@@ -30,6 +30,14 @@ def compose_train():
 
 
 @pytest.fixture(scope="module")
+def imagenet_root(tmp_path_factory) -> str:
+    """A tiny ImageNet folder (helpers/imagenet.py): 3 classes, 5 train and 2 val JPEGs each."""
+    from helpers.imagenet import write_imagenet
+
+    return write_imagenet(tmp_path_factory.mktemp("imagenet"))
+
+
+@pytest.fixture(scope="module")
 def one_thread():
     """Tiny float64 tensors: extra intra-op threads only fight over a busy CPU. Modules opt in
     with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
