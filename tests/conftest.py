@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from helpers.cli import FAST, REPO, compose_cfg, free_port, run_cli  # noqa: F401  (the names test modules import from here)
+from helpers.cli import compose_cfg
 from helpers.ddp import two_ranks
 
 # Tests never touch the network or a wandb account.

@@ -20,7 +20,7 @@ from esam.bench.runner import PUBLISH_DIR
 from esam.errors import UserError
 from esam.optim import ESAM, METHODS, MethodInfo, get_method
 from esam.optim.base import SharpnessAwareOptimizer
-from conftest import run_cli
+from helpers import run_cli
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 TINY = [

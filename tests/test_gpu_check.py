@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import REPO
+from helpers import REPO
 
 SCRIPT = REPO / "scripts" / "gpu_check.sh"
 

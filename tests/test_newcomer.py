@@ -1,7 +1,7 @@
 """What a new user trips over (issue 15, item 7 and friends): each check would have failed before."""
 from __future__ import annotations
 
-from conftest import run_cli
+from helpers import run_cli
 
 
 def test_a_misspelt_optimizer_key_added_with_plus_is_one_sentence_naming_it(tmp_path):

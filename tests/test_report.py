@@ -17,7 +17,7 @@ from esam.report import (PAPER, cell_table, curves_from_wandb, cells_markdown, e
                          load_wandb, pareto_front, push_extra_vs_sgd, row_from_wandb, runs_frame,
                          select_runs, write_report)
 from esam.train import run
-from conftest import FAST, compose_cfg, run_cli
+from helpers import FAST, compose_cfg, run_cli
 
 GPU = {"device": "cuda", "device_name": "NVIDIA A100", "world_size": 1, "precision": "bf16", "num_threads": 8}
 
