@@ -2,7 +2,7 @@
 rule, and the identities that tie SGD, SAM and ESAM together, bit for bit where they must be.
 
 The m-sharpness references are computed by hand in float64 (torch.autograd.grad on a
-functional copy, as in test_optim.py) and against a real 2-process gloo DDP run in which each
+functional copy, tests/helpers/reference.py) and against a real 2-process gloo DDP run in which each
 rank holds one chunk, as in the authors' code.
 """
 from __future__ import annotations

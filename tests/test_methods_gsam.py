@@ -2,7 +2,7 @@
 SAM, its pass count, resume and config.
 
 The reference is Algorithm 1 of Zhuang et al. (ICLR 2022) written out with torch.autograd.grad
-on a functional copy of the model and a plain torch.optim.SGD (helpers from test_optim.py).
+on a functional copy of the model and a plain torch.optim.SGD (tests/helpers/reference.py).
 """
 from __future__ import annotations
 

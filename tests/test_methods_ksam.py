@@ -3,7 +3,7 @@ statistics, resume and config.
 
 The reference (Ni et al. 2022): rank the batch by loss at w, then SAM's two passes on the k
 highest-loss samples, written out with torch.autograd.grad on a functional copy of the model
-and a plain torch.optim.SGD (helpers from test_optim.py).
+and a plain torch.optim.SGD (tests/helpers/reference.py).
 """
 from __future__ import annotations
 

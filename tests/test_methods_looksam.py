@@ -1,7 +1,7 @@
 """LookSAM against its update computed by hand in float64, its pass count, resume and config.
 
 The reference is Algorithm 1 of Liu et al. (CVPR 2022) written out with torch.autograd.grad on a
-functional copy of the model and a plain torch.optim.SGD (helpers from test_optim.py).
+functional copy of the model and a plain torch.optim.SGD (tests/helpers/reference.py).
 """
 from __future__ import annotations
 
