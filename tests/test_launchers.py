@@ -34,6 +34,7 @@ def sweep(tmp_path_factory) -> Path:
     return sweep
 
 
+@pytest.mark.slow  # the launcher and four task processes
 @pytest.mark.ddp
 def test_local_launcher_runs_a_sweep_into_the_sweep_folder(sweep):
     jobs = job_folders(sweep)
@@ -46,6 +47,7 @@ def test_local_launcher_runs_a_sweep_into_the_sweep_folder(sweep):
     assert any((sweep / ".submitit").iterdir())
 
 
+@pytest.mark.slow
 @pytest.mark.ddp
 def test_multi_task_job_trains_as_ddp_ranks(sweep):
     for job in job_folders(sweep):

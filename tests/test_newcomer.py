@@ -1,9 +1,12 @@
 """What a new user trips over (issue 15, item 7 and friends): each check would have failed before."""
 from __future__ import annotations
 
+import pytest
+
 from helpers import run_cli
 
 
+@pytest.mark.slow  # starts a Python process: in `make test`, not `make test-fast`
 def test_a_misspelt_optimizer_key_added_with_plus_is_one_sentence_naming_it(tmp_path):
     # Hydra's own hint for an unknown key is `+key=value`; that must not end in a TypeError traceback.
     res = run_cli(["optimizer=sam", "+optimizer.rhoo=0.1", "trainer.epochs=1", f"hydra.run.dir={tmp_path / 'run'}"])

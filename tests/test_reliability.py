@@ -384,7 +384,7 @@ def assert_diverged_cleanly(run_dir: Path, epochs_done: int) -> None:
     assert leftovers(run_dir) == []
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", [pytest.param("fp32", marks=pytest.mark.slow), "bf16"])  # fp32: a process
 def test_divergence_via_cli_stops_with_epoch_and_step(tmp_path, precision):
     # fp32 as a real process (what a shell sees), bf16 through the same entry point in this process.
     cli = run_cli if precision == "fp32" else run_cli_in_process

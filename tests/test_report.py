@@ -106,6 +106,7 @@ def test_seeds_of_different_settings_are_not_pooled(tmp_path):
     assert sorted(zip(t.beta, t.n)) == [(0.6, 2), (0.8, 1)]
 
 
+@pytest.mark.slow  # starts a Python process: in `make test`, not `make test-fast`
 def test_multirun_of_two_methods_and_two_seeds(tmp_path):
     sweep = tmp_path / "multirun"
     proc = run_cli(["-m", "optimizer=sgd,esam", "seed=0,1", "trainer=debug", *FAST, "trainer.num_threads=1",
@@ -405,6 +406,7 @@ def test_equal_compute_sweep_composes_every_registered_method_at_each_budget():
         assert compose("train", overrides=["+sweep=equal_compute", "dataset=digits"]).dataset.label_noise == 0.0
 
 
+@pytest.mark.slow  # starts a Python process: in `make test`, not `make test-fast`
 def test_equal_compute_sweep_end_to_end(tmp_path):
     """A tiny `+sweep=equal_compute` (SGD and SAM, budget 1, one seed) and its report."""
     sweep = tmp_path / "multirun"
