@@ -13,7 +13,7 @@ from torch import nn
 
 from esam.optim import ESAM, SAM, SGD, make_closure
 from helpers import (LR, MOMENTUM, RHO, TIGHT, WD, Reference, assert_all_close, assert_all_equal,
-                        batches, convnet, loss_and_grad, mlp, sam_perturbation, weights)
+                     batches, convnet, loss_and_grad, mlp, sam_perturbation, weights)
 from helpers import ddp_weights
 
 KW = dict(lr=LR, momentum=MOMENTUM, weight_decay=WD)

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from helpers import counting_closure, train_digits
 from helpers import ddp_weights
 from esam.optim import SAM
 from esam.optim.gsam import GSAM
 from helpers import (LR, MOMENTUM, TIGHT, WD, Reference, assert_all_close, assert_all_equal, batch,
-                        batches, convnet, loss_and_grad, make_closure, mlp, sam_perturbation, weights)
+                     batches, convnet, loss_and_grad, make_closure, mlp, sam_perturbation, weights)
 
 KW = dict(lr=LR, momentum=MOMENTUM, weight_decay=WD)
 EPS = 1e-12  # the optimizer's guard against 0/0, written into the reference too

@@ -11,7 +11,6 @@ import copy
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -20,8 +19,8 @@ from helpers import ddp_weights
 from esam.optim import METHODS, SAM, SGD
 from esam.optim.ksam import KSAM
 from helpers import (LR, MOMENTUM, RHO, TIGHT, WD, Reference, assert_all_close, assert_all_equal,
-                        batch, batches, convnet, loss_and_grad, make_closure, mlp, sam_perturbation,
-                        weights)
+                     batch, batches, convnet, loss_and_grad, make_closure, mlp, sam_perturbation,
+                     weights)
 
 KW = dict(lr=LR, momentum=MOMENTUM, weight_decay=WD)
 

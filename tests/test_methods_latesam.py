@@ -7,7 +7,7 @@ import torch
 from esam.optim import ESAM, METHODS, SGD, LateSAM
 from helpers import CountingClosure, save_load, train_digits
 from helpers import (LR, MOMENTUM, RHO, WD, Reference, assert_all_close, assert_all_equal, batches,
-                        convnet, loss_and_grad, mlp, sam_perturbation, weights)
+                     convnet, loss_and_grad, mlp, sam_perturbation, weights)
 
 KW = dict(lr=LR, momentum=MOMENTUM, weight_decay=WD)
 

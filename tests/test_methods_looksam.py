@@ -10,7 +10,6 @@ import io
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch.utils.flop_counter import FlopCounterMode
 
 from helpers import counting_closure, train_digits
@@ -18,8 +17,8 @@ from helpers import ddp_weights
 from esam.optim import METHODS, SAM, SGD
 from esam.optim.looksam import LookSAM
 from helpers import (LR, MOMENTUM, RHO, TIGHT, WD, Reference, assert_all_close, assert_all_equal,
-                        batch, batches, convnet, global_norm, loss_and_grad, make_closure, mlp,
-                        sam_perturbation, weights)
+                     batch, batches, convnet, global_norm, loss_and_grad, make_closure, mlp,
+                     sam_perturbation, weights)
 
 KW = dict(lr=LR, momentum=MOMENTUM, weight_decay=WD)
 EPS = 1e-12  # the optimizer's guard against 0/0, written into the reference too

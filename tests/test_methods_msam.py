@@ -11,7 +11,7 @@ from torch import nn
 from esam.optim import METHODS, MSAM
 from helpers import CountingClosure, FakeDDP, save_load, train_digits
 from helpers import (LR, MOMENTUM, WD, assert_all_close, assert_all_equal, batch, batches, convnet,
-                        loss_and_grad, mlp, two_groups, weights)
+                     loss_and_grad, mlp, two_groups, weights)
 
 RHO_M = 0.3  # large enough that the perturbation shows, small enough for a tiny model
 KW = dict(lr=LR, momentum=MOMENTUM, weight_decay=WD)
