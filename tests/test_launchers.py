@@ -23,20 +23,12 @@ def job_folders(sweep: Path) -> list[Path]:
     return sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-@pytest.fixture(scope="module")
-def sweep(tmp_path_factory) -> Path:
-    """One local-launcher sweep of two jobs, each a two-task job (two DDP ranks): what the two
-    tests below read, for one launcher start instead of two."""
-    sweep = tmp_path_factory.mktemp("launcher") / "sweep"
-    proc = run_cli(["-m", "hydra/launcher=local", "hydra.launcher.tasks_per_node=2", "optimizer=sgd,esam",
-                    "trainer=debug", *CPU, f"hydra.sweep.dir={sweep}"], timeout=300)
+@pytest.mark.slow  # the launcher and a process per job
+def test_local_launcher_runs_a_sweep_into_the_sweep_folder(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_cli(["-m", "hydra/launcher=local", "optimizer=sgd,esam", "trainer=debug", *CPU,
+                    f"hydra.sweep.dir={sweep}"], timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return sweep
-
-
-@pytest.mark.slow  # the launcher and four task processes
-@pytest.mark.ddp
-def test_local_launcher_runs_a_sweep_into_the_sweep_folder(sweep):
     jobs = job_folders(sweep)
     assert [p.name for p in jobs] == ["0-digits-resnet_digits-sgd-seed0", "1-digits-resnet_digits-esam-seed0"]
     for job, method in zip(jobs, ("sgd", "esam")):
@@ -45,15 +37,6 @@ def test_local_launcher_runs_a_sweep_into_the_sweep_folder(sweep):
         # Under submitit, resume=null became auto (a requeued job must continue); the first piece starts fresh.
         assert s["config"]["trainer"]["resume"] == "auto"
     assert any((sweep / ".submitit").iterdir())
-
-
-@pytest.mark.slow
-@pytest.mark.ddp
-def test_multi_task_job_trains_as_ddp_ranks(sweep):
-    for job in job_folders(sweep):
-        s = json.loads((job / "summary.json").read_text())
-        assert s["world_size"] == 2
-        assert len((job / "metrics.jsonl").read_text().splitlines()) == 1  # rank 0 writes, once
 
 
 def _task_pid(sweep: Path) -> int | None:
@@ -99,6 +82,19 @@ def test_preempted_job_is_requeued_into_the_same_folder_and_continues(tmp_path):
     assert [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()] == list(range(1, epochs + 1))
     logs = "".join(p.read_text() for p in (sweep / ".submitit").rglob("*_0_log.*"))
     assert "checkpoint saved" in logs and "Requeued job" in logs and "resumed from" in logs
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_multi_task_job_trains_as_ddp_ranks(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_cli(["-m", "hydra/launcher=local", "hydra.launcher.tasks_per_node=2", "trainer=debug", *CPU,
+                    f"hydra.sweep.dir={sweep}"], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    job, = job_folders(sweep)
+    s = json.loads((job / "summary.json").read_text())
+    assert s["world_size"] == 2
+    assert len((job / "metrics.jsonl").read_text().splitlines()) == 1  # rank 0 writes, once
 
 
 def test_submitit_tasks_become_torch_distributed_ranks(monkeypatch):
