@@ -23,10 +23,10 @@ $(STAMP): pyproject.toml
 demo: install ## SGD vs SAM vs ESAM on the embedded digits set (CPU, minutes), side-by-side table; METHODS=sam,looksam,... (SGD always runs: the baseline), ARGS=settings
 	$(PYTHON) -m esam.demo $(if $(METHODS),--methods=$(METHODS),) $(ARGS)
 
-test: install ## The whole test suite, slow tests included (what CI runs)
+test: install ## The whole test suite, slow tests included (what CI runs); the 15 slowest (over 1 s) listed at the end
 	$(PYTHON) -m pytest -q $(ARGS)
 
-test-fast: install ## The test suite without tests marked slow
+test-fast: install ## The suite without the tests marked slow (those that start a Python process); ARGS='-k name' etc.
 	$(PYTHON) -m pytest -q -m "not slow" $(ARGS)
 
 bench: install ## Side-by-side overhead benchmark on ResNet-18 into outputs/bench/<time>/ (ARGS=preset=quick: minutes on 2 CPU cores; ARGS='publish=true' writes results/bench/)

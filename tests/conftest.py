@@ -1,36 +1,27 @@
-"""Shared test helpers: compose a config the way the CLI does, run the CLI in a subprocess."""
+"""Fixtures and session hooks. What tests share as code lives in tests/helpers/ (import it as
+``helpers``); no test module imports another."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
-import esam.config  # noqa: F401  (registers the schemas)
-from esam.train import CONFIG_DIR
-
-REPO = Path(__file__).resolve().parent.parent
+from helpers.cli import compose_cfg
+from helpers.ddp import two_ranks
 
 # Tests never touch the network or a wandb account.
 os.environ.setdefault("WANDB_MODE", "disabled")
 
-FAST = ["trainer.progress=false", "trainer.precision=fp32", "trainer.timing_warmup_steps=1"]
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the two DDP ranks as soon as a test that needs them is selected: they import torch
+    while the tests before it run, instead of when it starts."""
+    if not session.config.option.collectonly and any(item.get_closest_marker("ddp") for item in session.items):
+        two_ranks().start()
 
 
-def compose_cfg(overrides: list[str], config_name: str = "train"):
-    """The config `python -m esam.train <overrides>` would run (without Hydra's own keys)."""
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(config_name, overrides=list(overrides))
-
-
-def run_cli(args: list[str], cwd: Path | None = None, timeout: float = 600, module: str = "esam.train"):
-    """Run ``python -m <module> args`` and return the CompletedProcess (text output)."""
-    env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd or REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    two_ranks().close()
 
 
 @pytest.fixture
@@ -38,13 +29,12 @@ def compose_train():
     return compose_cfg
 
 
-def free_port() -> int:
-    """A free localhost port for a gloo rendezvous (each spawned DDP test needs its own)."""
-    import socket
+@pytest.fixture(scope="module")
+def imagenet_root(tmp_path_factory) -> str:
+    """A tiny ImageNet folder (helpers/imagenet.py): 3 classes, 5 train and 2 val JPEGs each."""
+    from helpers.imagenet import write_imagenet
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return write_imagenet(tmp_path_factory.mktemp("imagenet"))
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from esam.bench.runner import PUBLISH_DIR
 from esam.errors import UserError
 from esam.optim import ESAM, METHODS, MethodInfo, get_method
 from esam.optim.base import SharpnessAwareOptimizer
-from conftest import run_cli
+from helpers import run_cli
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 TINY = [
@@ -194,6 +194,7 @@ def test_output_goes_to_the_run_folder_unless_published(tmp_path, monkeypatch):
     assert files["csv"].resolve().parent == (tmp_path / "results" / "bench").resolve()
 
 
+@pytest.mark.slow  # starts a Python process: in `make test`, not `make test-fast`
 def test_cli_writes_into_its_run_folder_and_never_into_results(tmp_path):
     """`make bench` once replaced the committed results/bench/ files; a default run must not."""
     proc = run_cli([*TINY, "methods=[sgd,sam]", "repeats=1", "steps=1", "phase_steps=0", "flop_steps=1",
@@ -205,6 +206,7 @@ def test_cli_writes_into_its_run_folder_and_never_into_results(tmp_path):
     assert "flops: sam step 1/1" in proc.stdout and "warm-up: step 1/1" in proc.stdout
 
 
+@pytest.mark.slow  # starts a Python process: in `make test`, not `make test-fast`
 def test_cli_explains_a_bad_method_in_one_sentence(tmp_path):
     proc = run_cli(["methods=[sgd,nope]", f"hydra.run.dir={tmp_path}/hydra"], cwd=tmp_path,
                    module="esam.bench", timeout=120)

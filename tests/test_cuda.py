@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import compose_cfg
+from helpers import compose_cfg
 from esam.models import build_model
 from esam.optim import SAM, build_optimizer, make_closure
 from esam.runtime import autocast_context

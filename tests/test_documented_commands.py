@@ -30,7 +30,7 @@ from torch import nn
 from esam.engine import Trainer
 from esam.models import MODELS, register_model
 from esam.train import CONFIG_DIR, added_key_problem
-from conftest import REPO
+from helpers import REPO
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 STARTS = ("python -m esam", "python3 -m esam", "make ", "python scripts/", "bash scripts/")

@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 
-from conftest import compose_cfg
+from helpers import compose_cfg
 from esam.train import run
 
 FP32 = ["dataset=digits", "dataset.batch_size=128", "trainer.precision=fp32", "trainer.device=cpu", "trainer.num_threads=1",

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import compose_cfg
+from helpers import compose_cfg
 from esam.engine.build import build_run, configure_backends
 from esam.engine.schedule import lr_factor
 from esam.errors import UserError

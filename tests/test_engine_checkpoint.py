@@ -6,7 +6,7 @@ import shlex
 import pytest
 import torch
 
-from conftest import compose_cfg
+from helpers import compose_cfg
 from esam.engine.build import build_run
 from esam.engine.checkpoint import (Progress, check_same_run, checkpoint_state, restore, resolve_resume,
                                     resume_command)

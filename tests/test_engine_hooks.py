@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import compose_cfg
+from helpers import compose_cfg
 from esam.engine import Trainer
 from esam.engine.checkpoint import restore
 from esam.errors import UserError

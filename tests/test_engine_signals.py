@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 from esam.engine.signals import FIRST_CTRL_C, SECOND_CTRL_C, STOP_SIGNALS, StopSignals
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import compose_cfg
+from helpers import compose_cfg
 from esam.train import CONFIG_DIR
 from esam.engine import NonFiniteLossError, Trainer
 from esam.optim import METHODS

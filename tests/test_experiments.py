@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from esam import recipes as recipes_module
 from esam.optim import build_from_spec
 from esam.train import CONFIG_DIR
-from conftest import REPO, compose_cfg
+from helpers import REPO, compose_cfg
 
 EXPERIMENTS = Path(CONFIG_DIR) / "experiment"
 METHODS = ("sgd", "sam", "esam")

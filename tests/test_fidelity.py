@@ -2,7 +2,7 @@
 rule, and the identities that tie SGD, SAM and ESAM together, bit for bit where they must be.
 
 The m-sharpness references are computed by hand in float64 (torch.autograd.grad on a
-functional copy, as in test_optim.py) and against a real 2-process gloo DDP run in which each
+functional copy, tests/helpers/reference.py) and against a real 2-process gloo DDP run in which each
 rank holds one chunk, as in the authors' code.
 """
 from __future__ import annotations
@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from esam.optim import ESAM, SAM, SGD, make_closure
-from test_optim import (LR, MOMENTUM, RHO, TIGHT, WD, Reference, assert_all_close, assert_all_equal, global_norm,
-                        batches, convnet, loss_and_grad, mlp, sam_perturbation, weights)
-from ddp_helpers import ddp_weights
+from helpers import (LR, MOMENTUM, RHO, TIGHT, WD, Reference, assert_all_close, assert_all_equal, global_norm,
+                     batches, convnet, loss_and_grad, mlp, sam_perturbation, weights)
+from helpers import ddp_weights
 
 KW = dict(lr=LR, momentum=MOMENTUM, weight_decay=WD)
 
@@ -165,6 +165,7 @@ def test_bn_running_stats_are_updated_by_the_passes_the_switch_names(bn_stats, m
 
 
 # -- m-sharpness on one process = one chunk per DDP rank ----------------------------------
+@pytest.mark.ddp
 @pytest.mark.parametrize("method,extra", [("sam", {}), ("esam", {"beta": 1.0, "gamma": 0.5})])
 def test_m_half_batch_equals_two_ddp_ranks_with_one_chunk_each(tmp_path, method, extra):
     rank0, _ = ddp_weights(tmp_path, method, dict(rho=RHO, **extra, **KW), model="convnet")

@@ -17,7 +17,7 @@ import pytest
 import torch
 from packaging.requirements import Requirement
 
-from conftest import REPO
+from helpers import REPO
 
 SCRIPT = REPO / "scripts" / "gpu_check.sh"
 WHEELS = REPO / "scripts" / "gpu_wheels.py"
@@ -79,6 +79,7 @@ def test_header_holds_the_prepared_command_for_a_15_minute_budget():
     assert "--dry-run" in head
 
 
+@pytest.mark.slow  # starts a Python process: in `make test`, not `make test-fast`
 def test_unknown_option_and_missing_gpu_fail_in_one_sentence():
     bad = gpu_check("--frobnicate", timeout=60)
     assert bad.returncode == 2 and bad.stderr.strip() == "error: unknown option --frobnicate (see --help)"

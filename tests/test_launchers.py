@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from esam.runtime import env_from_submitit
-from conftest import FAST, REPO, run_cli
+from helpers import FAST, REPO, run_cli
 
 CPU = [*FAST, "trainer.num_threads=1"]
 
@@ -23,6 +23,7 @@ def job_folders(sweep: Path) -> list[Path]:
     return sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+@pytest.mark.slow  # the launcher and a process per job
 def test_local_launcher_runs_a_sweep_into_the_sweep_folder(tmp_path):
     sweep = tmp_path / "sweep"
     proc = run_cli(["-m", "hydra/launcher=local", "optimizer=sgd,esam", "trainer=debug", *CPU,
@@ -84,6 +85,7 @@ def test_preempted_job_is_requeued_into_the_same_folder_and_continues(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.ddp
 def test_multi_task_job_trains_as_ddp_ranks(tmp_path):
     sweep = tmp_path / "sweep"
     proc = run_cli(["-m", "hydra/launcher=local", "hydra.launcher.tasks_per_node=2", "trainer=debug", *CPU,

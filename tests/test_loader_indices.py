@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from esam.data.tensor_loader import Augment, TensorLoader
-from test_imagenet import build, identities, imagenet_root  # noqa: F401  (fixture)
+from helpers.imagenet import build, identities
 
 N = 23  # not a multiple of the batch: the last batch is short
 

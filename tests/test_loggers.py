@@ -238,6 +238,7 @@ def test_dashboard_panels_plot_the_keys_runs_log():
     assert (COMPUTE_USED, ACC_FINAL) in scatter and (WALL_TIME, ACC_FINAL) in scatter
 
 
+@pytest.mark.slow  # starts a Python process: in `make test`, not `make test-fast`
 def test_a_training_run_without_a_wandb_login_completes_and_writes_its_folder(tmp_path):
     """`logger=wandb` with no API key: the run trains, writes metrics.jsonl and summary.json, and
     says once what to do; its wandb record is offline in the run folder."""

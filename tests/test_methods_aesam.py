@@ -8,9 +8,9 @@ import torch
 
 from esam.optim import AESAM, METHODS
 from esam.optim.switching import aesam_share
-from switch_helpers import CountingClosure, save_load, train_digits
-from test_optim import (LR, MOMENTUM, RHO, WD, Reference, assert_all_close, assert_all_equal, batches,
-                        convnet, loss_and_grad, mlp, sam_perturbation, weights)
+from helpers import CountingClosure, save_load, train_digits
+from helpers import (LR, MOMENTUM, RHO, WD, Reference, assert_all_close, assert_all_equal, batches,
+                     convnet, loss_and_grad, mlp, sam_perturbation, weights)
 
 KW = dict(lr=LR, momentum=MOMENTUM, weight_decay=WD)
 
@@ -126,10 +126,10 @@ def test_trains_through_the_shared_trainer(tmp_path):
     assert 0.0 < rows[-1]["sam_sam_step"] <= 1.0  # the first step is always sharpness-aware (c_0 = 1)
 
 
-@pytest.mark.slow  # two spawned gloo processes
+@pytest.mark.ddp
 def test_ddp_ranks_decide_alike_on_the_all_reduced_gradient(tmp_path):
     """Each rank sees its own shard; the test runs on the all-reduced ||g||^2, so both agree."""
-    from switch_helpers import ddp_decisions
+    from helpers import ddp_decisions
 
     r0, r1 = ddp_decisions(tmp_path, "aesam", delta=0.5, lambda1=-0.5, lambda2=0.5, rho=RHO, **KW)
     assert r0["decisions"] == r1["decisions"] and 0 < sum(r0["decisions"]) < len(r0["decisions"])
@@ -137,7 +137,7 @@ def test_ddp_ranks_decide_alike_on_the_all_reduced_gradient(tmp_path):
 
 
 def test_grad_scaler_step_equals_unscaled_step():
-    from switch_helpers import scaled_equals_unscaled
+    from helpers import scaled_equals_unscaled
 
     scaled_equals_unscaled(lambda m: AESAM(m.parameters(), "sgd", delta=0.5, lambda1=-0.5, lambda2=0.5,
                                            rho=RHO, **KW), mlp, batches("mlp", 8))

@@ -2,21 +2,20 @@
 SAM, its pass count, resume and config.
 
 The reference is Algorithm 1 of Zhuang et al. (ICLR 2022) written out with torch.autograd.grad
-on a functional copy of the model and a plain torch.optim.SGD (helpers from test_optim.py).
+on a functional copy of the model and a plain torch.optim.SGD (tests/helpers/reference.py).
 """
 from __future__ import annotations
 
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from switch_helpers import train_digits
-from ddp_helpers import ddp_weights
+from helpers import counting_closure, train_digits
+from helpers import ddp_weights
 from esam.optim import SAM
 from esam.optim.gsam import GSAM
-from test_optim import (LR, MOMENTUM, TIGHT, WD, Reference, assert_all_close, assert_all_equal, batch,
-                        batches, convnet, loss_and_grad, make_closure, mlp, sam_perturbation, weights)
+from helpers import (LR, MOMENTUM, TIGHT, WD, Reference, assert_all_close, assert_all_equal, batch,
+                     batches, convnet, loss_and_grad, make_closure, mlp, sam_perturbation, weights)
 
 KW = dict(lr=LR, momentum=MOMENTUM, weight_decay=WD)
 EPS = 1e-12  # the optimizer's guard against 0/0, written into the reference too
@@ -96,14 +95,7 @@ def test_two_passes_two_backwards():
     model = mlp()
     opt = GSAM(model.parameters(), "sgd", lr=LR)
     backwards, calls = [], []
-    inner = make_closure(model, *batch("mlp"), calls)
-
-    def closure(indices=None):
-        losses = inner(indices)
-        losses.register_hook(lambda g: backwards.append(1))
-        return losses
-
-    opt.step(closure)
+    opt.step(counting_closure(model, *batch("mlp"), calls, backwards))
     assert len(calls) == 2 and len(backwards) == 2 and all(c["grad_enabled"] for c in calls)
 
 
@@ -152,6 +144,7 @@ def test_trains_through_the_shared_trainer(tmp_path):
 
 
 
+@pytest.mark.ddp
 def test_ddp_ranks_decompose_locally_and_average(tmp_path):
     rank0, rank1 = ddp_weights(
         tmp_path, "gsam", dict(base_optimizer="sgd", rho=RHO_MAX, rho_min=RHO_MIN, alpha=ALPHA, **KW), steps=3)

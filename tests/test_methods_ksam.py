@@ -3,7 +3,7 @@ statistics, resume and config.
 
 The reference (Ni et al. 2022): rank the batch by loss at w, then SAM's two passes on the k
 highest-loss samples, written out with torch.autograd.grad on a functional copy of the model
-and a plain torch.optim.SGD (helpers from test_optim.py).
+and a plain torch.optim.SGD (tests/helpers/reference.py).
 """
 from __future__ import annotations
 
@@ -11,17 +11,16 @@ import copy
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from switch_helpers import train_digits
-from ddp_helpers import ddp_weights
+from helpers import train_digits
+from helpers import ddp_weights
 from esam.optim import METHODS, SAM, SGD
 from esam.optim.ksam import KSAM
-from test_optim import (LR, MOMENTUM, RHO, TIGHT, WD, Reference, assert_all_close, assert_all_equal,
-                        batch, batches, convnet, loss_and_grad, make_closure, mlp, sam_perturbation,
-                        weights)
+from helpers import (LR, MOMENTUM, RHO, TIGHT, WD, Reference, assert_all_close, assert_all_equal,
+                     batch, batches, convnet, loss_and_grad, make_closure, mlp, sam_perturbation,
+                     weights)
 
 KW = dict(lr=LR, momentum=MOMENTUM, weight_decay=WD)
 
@@ -152,6 +151,7 @@ def test_trains_through_the_shared_trainer(tmp_path):
 
 
 
+@pytest.mark.ddp
 def test_ddp_ranks_select_and_perturb_locally(tmp_path):
     rank0, rank1 = ddp_weights(
         tmp_path, "ksam", dict(base_optimizer="sgd", rho=0.5, k_frac=0.5, **KW), steps=3)

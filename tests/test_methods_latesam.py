@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from esam.optim import ESAM, METHODS, SAM, SGD, LateSAM
-from switch_helpers import CountingClosure, save_load, train_digits
-from test_optim import (LR, MOMENTUM, RHO, WD, Reference, assert_all_close, assert_all_equal, batches,
-                        convnet, loss_and_grad, mlp, sam_perturbation, weights)
+from helpers import CountingClosure, save_load, train_digits
+from helpers import (LR, MOMENTUM, RHO, WD, Reference, assert_all_close, assert_all_equal, batches,
+                     convnet, loss_and_grad, mlp, sam_perturbation, weights)
 
 KW = dict(lr=LR, momentum=MOMENTUM, weight_decay=WD)
 

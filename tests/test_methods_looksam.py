@@ -1,7 +1,7 @@
 """LookSAM against its update computed by hand in float64, its pass count, resume and config.
 
 The reference is Algorithm 1 of Liu et al. (CVPR 2022) written out with torch.autograd.grad on a
-functional copy of the model and a plain torch.optim.SGD (helpers from test_optim.py).
+functional copy of the model and a plain torch.optim.SGD (tests/helpers/reference.py).
 """
 from __future__ import annotations
 
@@ -10,17 +10,16 @@ import io
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch.utils.flop_counter import FlopCounterMode
 
-from switch_helpers import train_digits
-from ddp_helpers import ddp_weights
+from helpers import counting_closure, train_digits
+from helpers import ddp_weights
 from esam.optim import METHODS, SAM, SGD
 from esam.optim import make_closure as esam_closure
 from esam.optim.looksam import LookSAM
-from test_optim import (LR, MOMENTUM, RHO, TIGHT, WD, Reference, assert_all_close, assert_all_equal,
-                        batch, batches, convnet, global_norm, loss_and_grad, make_closure, mlp,
-                        sam_perturbation, weights)
+from helpers import (LR, MOMENTUM, RHO, TIGHT, WD, Reference, assert_all_close, assert_all_equal,
+                     batch, batches, convnet, global_norm, loss_and_grad, make_closure, mlp,
+                     sam_perturbation, weights)
 
 KW = dict(lr=LR, momentum=MOMENTUM, weight_decay=WD)
 EPS = 1e-12  # the optimizer's guard against 0/0, written into the reference too
@@ -31,18 +30,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def dot(a, b) -> torch.Tensor:
     return sum((x * y).sum() for x, y in zip(a, b))
-
-
-def counting_closure(model, x, y, calls: list, backwards: list):
-    """make_closure's closure that also counts the backward passes through its losses."""
-    inner = make_closure(model, x, y, calls)
-
-    def closure(indices=None):
-        losses = inner(indices)
-        if losses.requires_grad:
-            losses.register_hook(lambda g: backwards.append(1))
-        return losses
-    return closure
 
 
 @pytest.mark.parametrize("kind", ["mlp", "convnet"])
@@ -234,6 +221,7 @@ def test_trains_through_the_shared_trainer(tmp_path):
 
 
 
+@pytest.mark.ddp
 @pytest.mark.parametrize("m", [None, pytest.param(3, marks=pytest.mark.slow)])
 def test_ddp_ranks_share_g_v_and_equal_one_process_on_the_whole_batch(tmp_path, m):
     """m=3: two chunks per rank of 6, g all-reduced by hand: one process with four chunks of 3."""

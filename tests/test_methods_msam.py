@@ -2,7 +2,6 @@
 perturbed weights: evaluation moves them back exactly, checkpoints resume bit for bit."""
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import pytest
@@ -10,9 +9,9 @@ import torch
 from torch import nn
 
 from esam.optim import METHODS, MSAM
-from switch_helpers import CountingClosure, save_load, train_digits
-from test_optim import (LR, MOMENTUM, WD, assert_all_close, assert_all_equal, batch, batches, convnet,
-                        loss_and_grad, mlp, two_groups, weights)
+from helpers import CountingClosure, FakeDDP, save_load, train_digits
+from helpers import (LR, MOMENTUM, WD, assert_all_close, assert_all_equal, batch, batches, convnet,
+                     loss_and_grad, mlp, two_groups, weights)
 
 RHO_M = 0.3  # large enough that the perturbation shows, small enough for a tiny model
 KW = dict(lr=LR, momentum=MOMENTUM, weight_decay=WD)
@@ -144,18 +143,6 @@ def test_checkpoint_resume_equals_straight_run_bit_for_bit(inside_evaluation, ba
 
 def test_single_pass_all_reduces_under_ddp():
     """The one backward is the update's gradient: it must not run under no_sync."""
-
-    class FakeDDP(nn.Sequential):
-        syncing = True
-
-        @contextlib.contextmanager
-        def no_sync(self):
-            self.syncing = False
-            try:
-                yield
-            finally:
-                self.syncing = True
-
     model = FakeDDP(*mlp())
     seen = []
     opt = make(model, model=model)
@@ -196,7 +183,7 @@ def test_trains_through_the_shared_trainer_and_checkpoints_the_moved_back_weight
 
 @pytest.mark.parametrize("base", ["sgd", "adamw"])
 def test_grad_scaler_step_equals_unscaled_step(base):
-    from switch_helpers import scaled_equals_unscaled
+    from helpers import scaled_equals_unscaled
 
     scaled_equals_unscaled(lambda m: make(m, base), mlp, batches("mlp", 4))
 

@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from esam.optim import METHODS, RST
-from switch_helpers import CountingClosure, save_load, train_digits
-from test_optim import (LR, MOMENTUM, RHO, WD, Reference, assert_all_close, assert_all_equal, batches,
-                        convnet, loss_and_grad, mlp, sam_perturbation, weights)
+from helpers import CountingClosure, save_load, train_digits
+from helpers import (LR, MOMENTUM, RHO, WD, Reference, assert_all_close, assert_all_equal, batches,
+                     convnet, loss_and_grad, mlp, sam_perturbation, weights)
 
 KW = dict(lr=LR, momentum=MOMENTUM, weight_decay=WD)
 
@@ -138,11 +138,11 @@ def test_trains_through_the_shared_trainer(tmp_path):
     assert rows[-1]["sam_sam_step"] == 1.0 and rows[-1]["sam_sharpness"] != 0.0
 
 
-@pytest.mark.slow  # two spawned gloo processes
+@pytest.mark.ddp
 def test_ddp_ranks_draw_alike_though_seeded_apart(tmp_path):
     """The trainer seeds each rank differently (ESAM's SWP); RST's draws must still agree, or
     one rank would run a second pass the other never joins."""
-    from switch_helpers import ddp_decisions
+    from helpers import ddp_decisions
 
     r0, r1 = ddp_decisions(tmp_path, "rst", p=0.5, rho=RHO, **KW)
     assert r0["decisions"] == r1["decisions"] and 0 < sum(r0["decisions"]) < len(r0["decisions"])
@@ -150,7 +150,7 @@ def test_ddp_ranks_draw_alike_though_seeded_apart(tmp_path):
 
 
 def test_grad_scaler_step_equals_unscaled_step():
-    from switch_helpers import scaled_equals_unscaled
+    from helpers import scaled_equals_unscaled
 
     scaled_equals_unscaled(lambda m: RST(m.parameters(), "sgd", p=0.5, rho=RHO, seed=0, **KW), mlp,
                            batches("mlp", 6))

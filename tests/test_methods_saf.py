@@ -11,7 +11,6 @@ import os
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
@@ -19,8 +18,7 @@ from torch.func import functional_call
 from esam.errors import UserError
 from esam.optim import METHODS, build_optimizer, make_closure
 from esam.optim.saf import MESA, SAF
-from test_optim import LR, MOMENTUM, TIGHT, WD, Reference, assert_all_close, convnet, mlp, weights
-from conftest import free_port
+from helpers import LR, MOMENTUM, TIGHT, WD, Reference, assert_all_close, convnet, free_port, mlp, two_ranks, weights
 
 N, B = 8, 4  # 8 samples, two batches of 4 per epoch
 
@@ -291,10 +289,11 @@ def _ddp_rank(rank: int, world: int, port: int, name: str, out: str) -> None:
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.ddp
 @pytest.mark.parametrize("name", ["saf", "mesa"])
 def test_ddp_ranks_equal_one_process_on_the_whole_batch(tmp_path, name):
     out = str(tmp_path / "ddp.pt")
-    mp.spawn(_ddp_rank, args=(2, free_port(), name, out), nprocs=2, join=True)
+    two_ranks().spawn(_ddp_rank, (2, free_port(), name, out))
     rank0, rank1 = torch.load(f"{out}.0"), torch.load(f"{out}.1")
     for a, b in zip(rank0["weights"], rank1["weights"]):
         assert torch.equal(a, b)

@@ -1,9 +1,12 @@
 """What a new user trips over on a first read and a first run; each check once failed."""
 from __future__ import annotations
 
-from conftest import run_cli
+import pytest
+
+from helpers import run_cli
 
 
+@pytest.mark.slow  # starts a Python process: in `make test`, not `make test-fast`
 def test_a_misspelt_optimizer_key_added_with_plus_is_one_sentence_naming_it(tmp_path):
     # Hydra's own hint for an unknown key is `+key=value`; that must not end in a TypeError traceback.
     res = run_cli(["optimizer=sam", "+optimizer.rhoo=0.1", "trainer.epochs=1", f"hydra.run.dir={tmp_path / 'run'}"])
@@ -37,7 +40,7 @@ def test_installing_prints_no_setuptools_warnings(monkeypatch):
 
     import pytest
 
-    from conftest import REPO
+    from helpers import REPO
 
     pytest.importorskip("setuptools", minversion="77")  # older ones cannot read an SPDX license
     from setuptools.config.pyprojecttoml import apply_configuration

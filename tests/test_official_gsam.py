@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from esam.optim import build_optimizer, make_closure
-from official_helpers import MODELS, assert_same, batch, bn_layers
+from helpers.official import MODELS, assert_same, batch, bn_layers
 
 LR, MOMENTUM, WD = 0.1, 0.9, 5e-4
 EPS = 1e-12  # their perturb_eps default

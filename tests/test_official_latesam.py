@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from esam.optim import build_optimizer, make_closure
-from official_helpers import MODELS, assert_same, batch, bn_layers, max_diff
+from helpers.official import MODELS, assert_same, batch, bn_layers, max_diff
 
 LR, MOMENTUM, WD, RHO = 0.1, 0.9, 5e-4, 0.05
 EPOCHS, START, STEPS = 4, 2, 3  # SAM from epoch 2 of 4 (start = 0.5), 3 steps per epoch

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from esam.optim import build_optimizer, make_closure
-from official_helpers import MODELS, assert_same, batch, bn_layers
+from helpers.official import MODELS, assert_same, batch, bn_layers
 
 LR, MOMENTUM, WD, RHO = 0.1, 0.9, 5e-4, 0.05
 # Ours divides by ||g_v|| + 1e-12, theirs normalises g_v exactly; ||g_v|| is small (g_s is mostly

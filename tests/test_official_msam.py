@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from esam.optim import build_optimizer, make_closure
-from official_helpers import MODELS, assert_same, batch, max_diff
+from helpers.official import MODELS, assert_same, batch, max_diff
 
 LR, MOMENTUM, RHO = 0.1, 0.9, 0.3
 

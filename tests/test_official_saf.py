@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from esam.optim import build_optimizer, make_closure
-from official_helpers import MODELS, assert_same
+from helpers.official import MODELS, assert_same
 
 LR, MOMENTUM, WD = 0.1, 0.9, 5e-4
 N, B, EPOCHS = 24, 8, 7  # 3 steps per epoch

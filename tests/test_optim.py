@@ -1,11 +1,10 @@
 """esam.optim against updates computed by hand, step by step, in float64.
 
 Every reference below is built from torch.autograd.grad on a functional copy of
-the model plus a plain torch.optim.SGD; none of them calls esam.optim.
+the model plus a plain torch.optim.SGD (tests/helpers/reference.py); none of them calls esam.optim.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import io
 import math
@@ -14,124 +13,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
 from esam.optim import ESAM, SAM, SGD
-
-LR, MOMENTUM, WD, RHO = 0.1, 0.9, 5e-4, 0.05
-TIGHT = dict(rtol=1e-10, atol=1e-12)  # float64: only the eps in rho / (||g|| + eps) differs
-
+from helpers import (LR, MODELS, MOMENTUM, RHO, TIGHT, WD, FakeDDP, Reference, assert_all_close,  # noqa: F401
+                     assert_all_equal, batch, batches, convnet, global_norm, loss_and_grad, make_closure, mlp,
+                     sam_perturbation, two_groups, weights)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-# -- models, data, closures ------------------------------------------------------
-def mlp(seed: int = 0, dtype=torch.float64) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(),
-                         nn.Linear(8, 3)).to(dtype)
-
-
-def convnet(seed: int = 0, dtype=torch.float64) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-        nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3),
-    ).to(dtype)
-
-
-MODELS = {"mlp": mlp, "convnet": convnet}
-
-
-def batch(kind: str, seed: int = 0, n: int = 10, dtype=torch.float64):
-    g = torch.Generator().manual_seed(1000 + seed)
-    shape = (n, 6) if kind == "mlp" else (n, 2, 5, 5)
-    return torch.randn(shape, generator=g, dtype=dtype), torch.randint(3, (n,), generator=g)
-
-
-def batches(kind: str, steps: int, **kw):
-    return [batch(kind, seed=s, **kw) for s in range(steps)]
-
-
-def make_closure(model, x, y, calls: list | None = None):
-    """Per-sample CE losses; ``calls`` records what each call saw (for the assertions)."""
-    def closure(indices=None):
-        if calls is not None:
-            calls.append({
-                "indices": None if indices is None else indices.clone(),
-                "grad_enabled": torch.is_grad_enabled(),
-                "requires_grad": [p.requires_grad for p in model.parameters()],
-                "weights": [p.detach().clone() for p in model.parameters()],
-            })
-        xi, yi = (x, y) if indices is None else (x[indices], y[indices])
-        return F.cross_entropy(model(xi), yi, reduction="none")
-    return closure
-
-
-def weights(model) -> list[torch.Tensor]:
-    return [p.detach().clone() for p in model.parameters()]
-
-
-def assert_all_equal(a, b) -> None:
-    assert len(a) == len(b)
-    for i, (u, v) in enumerate(zip(a, b)):
-        assert torch.equal(u, v), f"tensor {i} differs (max {(u - v).abs().max().item():.3g})"
-
-
-def assert_all_close(a, b, **tol) -> None:
-    assert len(a) == len(b)
-    for u, v in zip(a, b):
-        torch.testing.assert_close(u, v, **(tol or TIGHT))
-
-
-# -- the hand-computed reference ---------------------------------------------------
-def loss_and_grad(model, ws, x, y):
-    """Per-sample losses of ``model`` evaluated at weights ``ws``, and d mean / d ws."""
-    names = [n for n, _ in model.named_parameters()]
-    leaves = [w.detach().clone().requires_grad_(True) for w in ws]
-    out = functional_call(model, dict(zip(names, leaves)), (x,))
-    losses = F.cross_entropy(out, y, reduction="none")
-    return losses.detach(), list(torch.autograd.grad(losses.mean(), leaves))
-
-
-def global_norm(ts) -> torch.Tensor:
-    return torch.sqrt(sum((t * t).sum() for t in ts))
-
-
-def sam_perturbation(ws, g, rho, adaptive=False, mask=None, beta=1.0):
-    """e = rho g / ||g|| (ASAM: rho w^2 g / || |w| g ||), restricted to ``mask``, over beta."""
-    mask = mask or [True] * len(ws)
-    scaled = [w.abs() * gi if adaptive else gi for w, gi in zip(ws, g)]
-    norm = global_norm([s for s, m in zip(scaled, mask) if m])
-    return [(rho * (w.abs() * s if adaptive else s) / (norm * beta)) if m else torch.zeros_like(w)
-            for w, s, m in zip(ws, scaled, mask)]
-
-
-def two_groups(params):
-    """Weights with weight decay, biases without: the usual split, and two groups to norm over."""
-    params = list(params)
-    return [{"params": [p for p in params if p.ndim > 1]},
-            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
-
-
-class Reference:
-    """A copy of the model's parameters driven by a plain torch.optim.SGD and hand gradients."""
-
-    def __init__(self, model, lr=LR, momentum=MOMENTUM, weight_decay=WD, split=False):
-        self.model = copy.deepcopy(model)  # only its structure and BN buffers are used
-        self.params = [nn.Parameter(w) for w in weights(model)]
-        groups = two_groups(self.params) if split else self.params
-        self.base = torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
-
-    @property
-    def ws(self):
-        return [p.detach().clone() for p in self.params]
-
-    def step_with(self, grads) -> None:
-        for p, g in zip(self.params, grads):
-            p.grad = g.clone()
-        self.base.step()
 
 
 # -- SGD -----------------------------------------------------------------------------
@@ -367,18 +255,6 @@ def test_bn_running_stats_follow_every_pass_without_model():
 
 def test_first_pass_runs_under_no_sync():
     """DDP: the first backward stays local; the second one all-reduces."""
-
-    class FakeDDP(nn.Sequential):
-        syncing = True
-
-        @contextlib.contextmanager
-        def no_sync(self):
-            self.syncing = False
-            try:
-                yield
-            finally:
-                self.syncing = True
-
     model = FakeDDP(*mlp())
     seen = []
     inner = make_closure(model, *batch("mlp"))

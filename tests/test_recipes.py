@@ -26,7 +26,7 @@ from esam.models.resnet import INITS, init_kaiming
 from esam.optim import SAM, ESAM, make_closure, METHODS
 from esam.recipes import recipes
 from esam.train import CONFIG_DIR
-from conftest import compose_cfg
+from helpers import compose_cfg
 
 # Every experiment file, and every recipe with ESAM (m-sharpness, SDS and SWP at the recipe's batch);
 # every method on the CIFAR-10 recipe is the next test, every other cell composes in test_experiments.

@@ -12,8 +12,8 @@ from omegaconf import OmegaConf
 from esam.errors import UserError
 from esam.optim import METHODS, SGD, build_from_spec, build_optimizer, get_method, make_closure
 from esam.train import CONFIG_DIR
-from conftest import compose_cfg
-from test_optim import batches, convnet, weights
+from helpers import compose_cfg
+from helpers import batches, convnet, weights
 
 NAMES = sorted(METHODS)
 KW = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
@@ -156,7 +156,7 @@ def test_every_base_optimizer_composes_with_every_method(base):
 def test_docs_methods_table_is_generated_from_the_registry():
     """docs/methods.md is what `python scripts/methods_table.py --output docs/methods.md` writes."""
     import importlib.util
-    from conftest import REPO
+    from helpers import REPO
 
     spec = importlib.util.spec_from_file_location("methods_table", REPO / "scripts" / "methods_table.py")
     mod = importlib.util.module_from_spec(spec)
@@ -289,7 +289,7 @@ def test_a_misspelt_model_args_key_is_one_sentence():
 
 def test_methods_never_import_the_registry():
     """Registration is one visible list in esam/optim/registry.py; the algorithms know nothing of it."""
-    from conftest import REPO
+    from helpers import REPO
 
     for path in (REPO / "esam" / "optim").glob("*.py"):
         if path.name not in ("registry.py", "__init__.py"):

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, compose_cfg, run_cli
+from helpers import REPO, compose_cfg, run_cli, run_cli_in_process
 from esam.errors import UserError
 from esam.runtime import atomic_torch_save, atomic_write_json, atomic_write_text, load_checkpoint
 from esam.engine import NonFiniteLossError, Trainer
@@ -270,7 +270,7 @@ def test_the_printed_resume_command_continues_the_run_in_its_folder(tmp_path, st
     command = shlex.split(line.split("to continue, run: ", 1)[1])
     assert command[:3] == ["python", "-m", "esam.train"] and command[-1] == f"trainer.resume={tmp_path}"
 
-    done = run_cli(command[3:])
+    done = run_cli_in_process(command[3:])  # its arguments through the CLI's entry point, here
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed from" in done.stdout and str(tmp_path) in done.stdout
     assert without_timing(metrics(tmp_path)) == without_timing(ref[1])
@@ -393,10 +393,12 @@ def assert_diverged_cleanly(run_dir: Path, epochs_done: int) -> None:
     assert leftovers(run_dir) == []
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", [pytest.param("fp32", marks=pytest.mark.slow), "bf16"])  # fp32: a process
 def test_divergence_via_cli_stops_with_epoch_and_step(tmp_path, precision):
-    res = run_cli([*TINY, "optimizer.lr=1e20", "trainer.epochs=2", f"trainer.precision={precision}",
-                   f"hydra.run.dir={tmp_path}"])
+    # fp32 as a real process (what a shell sees), bf16 through the same entry point in this process.
+    cli = run_cli if precision == "fp32" else run_cli_in_process
+    res = cli([*TINY, "optimizer.lr=1e20", "trainer.epochs=2", f"trainer.precision={precision}",
+               f"hydra.run.dir={tmp_path}"])
     assert res.returncode == 2, (res.stdout, res.stderr)
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and TRACEBACK not in res.stderr, res.stderr
@@ -493,6 +495,11 @@ def _foreign(tmp_path: Path) -> str:
     return str(path)
 
 
+# Run as a real `python -m esam.train` process (the others call its entry point in this process):
+# one of Hydra's own errors here; one of ours is test_train.py's missing dataset (also via the CLI).
+IN_A_PROCESS = {"unknown_key"}
+
+
 @pytest.mark.parametrize("case", list(BAD_INPUT))
 def test_bad_input_is_one_clear_sentence(tmp_path, case):
     make, words, ours = BAD_INPUT[case]
@@ -501,7 +508,7 @@ def test_bad_input_is_one_clear_sentence(tmp_path, case):
     args = [*TINY, "trainer.epochs=1", *ovr]
     if not any(a.startswith("hydra.run.dir=") for a in ovr):
         args.append(f"hydra.run.dir={run_dir}")
-    res = run_cli(args, timeout=300)
+    res = run_cli(args, timeout=300) if case in IN_A_PROCESS else run_cli_in_process(args)
     assert res.returncode != 0
     assert TRACEBACK not in res.stderr, res.stderr
     assert all(w in res.stderr for w in words), res.stderr

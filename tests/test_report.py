@@ -20,7 +20,7 @@ from esam.report import (PAPER, cell_table, curves_from_wandb, cells_markdown, e
                          load_wandb, pareto_front, push_extra_vs_sgd, row_from_wandb, runs_frame,
                          select_runs, write_report)
 from esam.train import run
-from conftest import FAST, REPO, compose_cfg, run_cli
+from helpers import FAST, REPO, compose_cfg, run_cli
 
 GPU = {"device": "cuda", "device_name": "NVIDIA A100", "world_size": 1, "precision": "bf16", "num_threads": 8}
 
@@ -121,6 +121,7 @@ def test_hyperparameters_come_from_the_config_not_legacy_top_level_keys(tmp_path
     assert old.hparams == "" and math.isnan(old.rho) and old.test_acc_best == 90.0
 
 
+@pytest.mark.slow  # starts a Python process: in `make test`, not `make test-fast`
 def test_multirun_of_two_methods_and_two_seeds(tmp_path):
     sweep = tmp_path / "multirun"
     proc = run_cli(["-m", "optimizer=sgd,esam", "seed=0,1", "trainer=debug", *FAST, "trainer.num_threads=1",
@@ -426,7 +427,6 @@ def test_equal_compute_epochs_in_the_docs_follow_the_declared_costs():
     the method's declared cost relative to SGD's, as docs/methods.md lists it."""
     import re
 
-    from conftest import REPO
     from esam.optim import METHODS
 
     for path in (REPO / "docs" / "usage.md", REPO / "conf" / "sweep" / "equal_compute.yaml"):
@@ -436,6 +436,7 @@ def test_equal_compute_epochs_in_the_docs_follow_the_declared_costs():
             assert float(divisor) == pytest.approx(METHODS[method.lower()].relative_cost(), abs=0.05), (path, method)
 
 
+@pytest.mark.slow  # starts a Python process: in `make test`, not `make test-fast`
 def test_equal_compute_sweep_end_to_end(tmp_path):
     """A tiny `+sweep=equal_compute` (SGD and SAM, budget 1, one seed) and its report."""
     sweep = tmp_path / "multirun"

@@ -9,7 +9,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from esam.train import CONFIG_DIR, run
-from conftest import FAST, compose_cfg, run_cli
+from helpers import FAST, compose_cfg, run_cli
 
 GROUPS = ["dataset", "model", "optimizer", "trainer", "logger"]
 
@@ -102,6 +102,7 @@ def test_esam_logs_its_selection_and_sharpness(tmp_path):
     assert "method_sharpness" in m
 
 
+@pytest.mark.slow  # starts a Python process: in `make test`, not `make test-fast`
 def test_cli_runs_and_reports_run_folder(tmp_path):
     out = tmp_path / "run"
     proc = run_cli(["trainer=debug", "trainer.precision=fp32", f"hydra.run.dir={out}"])
@@ -111,6 +112,7 @@ def test_cli_runs_and_reports_run_folder(tmp_path):
     assert json.loads((out / "summary.json").read_text())["epochs"] == 1
 
 
+@pytest.mark.slow  # starts a Python process: in `make test`, not `make test-fast`
 def test_missing_dataset_is_one_clear_sentence(tmp_path):
     proc = run_cli(["dataset=cifar10", f"dataset.root={tmp_path}", "dataset.download=false",
                     "model=resnet18", "trainer=debug", f"hydra.run.dir={tmp_path / 'run'}"])
