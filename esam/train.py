@@ -205,7 +205,8 @@ def main(cfg: DictConfig) -> float | None:
         # continue from checkpoints/last.pt, not start over. A first run finds none and starts fresh.
         cfg.trainer.resume = "auto"
     try:
-        if (problem := added_key_problem(cfg, list(HydraConfig.get().overrides.task))) is not None:
+        overrides = list(HydraConfig.get().overrides.task)
+        if (problem := schema_choice_problem(overrides) or added_key_problem(cfg, overrides)) is not None:
             raise UserError(problem)
         summary = run(cfg, run_dir)
     except UserError as e:

@@ -41,7 +41,7 @@ def test_methods_and_settings_parse_with_sgd_always_in(argv, methods, overrides,
                                                  "(python -m esam.train --cfg job prints them all)"),
     (["trainer.epochs=abc"], "error: trainer.epochs=abc: Value 'abc' of type 'str' could not be converted to Integer"),
     (["dataset=cifar11"], "error: Could not find 'dataset/cifar11'; available: cifar10, cifar100, digits, "
-                          "digits_noisy, imagenet, synthetic"),
+                          "digits_noisy, imagenet, mnist1d, synthetic"),
     (["--methods", "lookasm"], "error: unknown method 'lookasm'; allowed: aesam, esam, gsam, ksam, latesam, looksam, "
                                "mesa, msam, rst, saf, sam, sgd"),
 ])

@@ -123,7 +123,7 @@ def test_bad_arguments_raise_value_error_naming_them(kwargs, key):
 
 def test_trains_through_the_shared_trainer(tmp_path):
     rows = train_digits("aesam", tmp_path / "run")
-    assert 0.0 < rows[-1]["sam_sam_step"] <= 1.0  # the first step is always sharpness-aware (c_0 = 1)
+    assert 0.0 < rows[-1]["method_sam_step"] <= 1.0  # the first step is always sharpness-aware (c_0 = 1)
 
 
 @pytest.mark.ddp

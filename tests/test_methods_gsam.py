@@ -135,7 +135,7 @@ def test_invalid_arguments_raise_value_error_naming_them(kwargs, name):
 
 def test_trains_through_the_shared_trainer(tmp_path):
     record = train_digits("gsam", tmp_path / "run")[0]
-    assert record["sam_rho"] == pytest.approx(0.04)  # epoch 1 of a per-epoch cosine: lr = lr_max
+    assert record["method_rho"] == pytest.approx(0.05)  # epoch 1 of a per-epoch cosine: lr = lr_max; rho = sam.rho (the recipe's radius)
     assert record["train_steps"] == 5
 
 

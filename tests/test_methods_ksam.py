@@ -142,7 +142,7 @@ def test_invalid_arguments_raise_value_error_naming_them(kwargs, name):
 
 def test_trains_through_the_shared_trainer(tmp_path):
     record = train_digits("ksam", tmp_path / "run")[0]
-    assert record["sam_sample_frac"] == pytest.approx(0.36, abs=0.01)  # int(0.36 * B) of each batch (the default)
+    assert record["method_sample_frac"] == pytest.approx(0.36, abs=0.01)  # int(0.36 * B) of each batch (the default)
     assert record["train_steps"] == 5
 
 

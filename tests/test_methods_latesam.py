@@ -119,5 +119,5 @@ def test_bad_arguments_raise_value_error_naming_them(kwargs, key):
 def test_trains_through_the_shared_trainer(tmp_path):
     rows = train_digits("latesam", tmp_path / "run", "optimizer.start=0.5")
     # progress 0, .2, .4, .6, .8 over the 5 steps: the last two are SAM steps
-    assert rows[-1]["sam_sam_step"] == pytest.approx(0.4)
-    assert rows[-1]["sam_sharpness"] != 0.0
+    assert rows[-1]["method_sam_step"] == pytest.approx(0.4)
+    assert rows[-1]["method_sharpness"] != 0.0

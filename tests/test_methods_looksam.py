@@ -212,7 +212,7 @@ def test_invalid_arguments_raise_value_error_naming_them(kwargs, name):
 
 def test_trains_through_the_shared_trainer(tmp_path):
     record = train_digits("looksam", tmp_path / "run")[0]
-    assert record["sam_sam_step"] == pytest.approx(1 / 5)  # one SAM step in five (k = 5)
+    assert record["method_sam_step"] == pytest.approx(1 / 5)  # one SAM step in five (k = 5)
     assert record["train_steps"] == 5
 
 

@@ -135,7 +135,7 @@ def test_bad_arguments_raise_value_error_naming_them(kwargs, key):
 
 def test_trains_through_the_shared_trainer(tmp_path):
     rows = train_digits("rst", tmp_path / "run", "optimizer.p=1.0")
-    assert rows[-1]["sam_sam_step"] == 1.0 and rows[-1]["sam_sharpness"] != 0.0
+    assert rows[-1]["method_sam_step"] == 1.0 and rows[-1]["method_sharpness"] != 0.0
 
 
 @pytest.mark.ddp

@@ -78,6 +78,7 @@ def run_job(overrides: Sequence[str], run_dir: str) -> str:
     esam_log = logging.getLogger("esam")
     handler = logging.FileHandler(folder / "train.log", mode="w")
     esam_log.addHandler(handler)
+    level, propagate = esam_log.level, esam_log.propagate
     esam_log.setLevel(logging.INFO)
     esam_log.propagate = False  # the run's lines go to its train.log, not to the board's console
     try:
@@ -93,6 +94,8 @@ def run_job(overrides: Sequence[str], run_dir: str) -> str:
         return f"failed: {e}"
     finally:
         esam_log.removeHandler(handler)
+        esam_log.setLevel(level)
+        esam_log.propagate = propagate
         handler.close()
 
 
