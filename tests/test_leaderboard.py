@@ -62,7 +62,7 @@ def test_integer_knobs_are_integers_over_their_whole_range():
 def test_trial_overrides_carry_the_method_its_fixed_settings_and_the_drawn_values():
     suite = load_suite("cpu")
     job = next(j for j in trial_jobs(suite) if j.method == "gsam" and j.workload == "mnist1d" and j.index == 3)
-    assert job.overrides[:3] == ("+workload=mnist1d", "optimizer=gsam", "optimizer.rho_min=0.01")
+    assert job.overrides[:3] == ("+workload=mnist1d", "optimizer=gsam", "optimizer.rho_min=${optimizer.rho}")
     assert f"optimizer.lr={job.hparams['lr']:.6g}" in job.overrides and "seed=0" in job.overrides
     assert job.run_dir == suite.root / "mnist1d" / "gsam" / "trial03"
 
@@ -161,7 +161,8 @@ def test_a_run_composed_once_per_method_is_the_config_hydra_composes_per_run(com
     compose_run(other.overrides)        # reuses the base: must not leak into the first
     for j in (job, other):
         assert OmegaConf.to_container(compose_run(j.overrides)) == OmegaConf.to_container(compose_train(list(j.overrides)))
-    assert first.optimizer.lr == job.hparams["lr"] and first.optimizer.rho_min == 0.01
+    # GSAM like-for-like: rho_min follows the trial's rho (a constant radius), not the recipe's sam.rho
+    assert first.optimizer.lr == job.hparams["lr"] and first.optimizer.rho_min == job.hparams["rho"]
 
 
 def test_final_runs_change_folder_when_the_selection_changes():
