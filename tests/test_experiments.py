@@ -201,3 +201,14 @@ def test_methods_without_a_sam_radius_keep_their_own(option):
     """MSAM's rho is on another scale (3.0); SAF, MESA and SGD have none: sam.rho leaves them alone."""
     plain, moved = compose_cfg([f"optimizer={option}"]), compose_cfg([f"optimizer={option}", "sam.rho=0.123"])
     assert plain.optimizer == moved.optimizer
+
+
+@pytest.mark.parametrize("recipe", ["cifar10_resnet18", "cifar100_wrn28_10", "cifar10_pyramidnet110"])
+@pytest.mark.parametrize("option", [o for o in SAM_BASED if o != "sam"])
+def test_every_sam_based_method_meets_sam_on_its_terms_in_the_cifar_recipes(recipe, option):
+    """`--cfg job` of experiment=<recipe>_<method> shows SAM's m, BN rule, eps and radius."""
+    sam = compose_cfg([f"experiment={recipe}_sam"]).optimizer
+    other = compose_cfg([f"experiment={recipe}_{option}"]).optimizer
+    for key in ("m", "bn_stats", "eps", "rho"):
+        assert getattr(other[key], "value", other[key]) == getattr(sam[key], "value", sam[key]), key
+    assert (sam.m, str(sam.bn_stats.value)) == (64, "all")
