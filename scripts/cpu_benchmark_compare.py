@@ -1,11 +1,11 @@
-"""Old vs re-measured rows of the CPU benchmark (issue 20), written to compare.md beside this file.
+"""Old vs re-measured rows of the CPU benchmark (issue 20), written to results/cpu-benchmark/rerun/compare.md.
 
 Reads the two reports' table.csv (results/cpu-benchmark: the earlier runs; rerun/: the methods
 re-measured after the fidelity fixes) and, for the numbers esam.report does not tabulate (MSAM
 before/after BN recalibration, MESA's EMA model), the re-run's summary.json files, also written
 per run to hooks_ema_runs.csv. Run from the repository root:
 
-    python results/cpu-benchmark/rerun/compare.py [multirun/cpu_benchmark/rerun]
+    python scripts/cpu_benchmark_compare.py [multirun/cpu_benchmark/rerun]
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parent.parent / "results" / "cpu-benchmark" / "rerun"
 METHODS = ["looksam", "ksam", "gsam", "msam", "mesa"]
 NAMES = {"looksam": "LookSAM", "ksam": "K-SAM", "gsam": "GSAM", "msam": "MSAM", "mesa": "MESA"}
 CHANGE = {"looksam": "alpha 0.1 -> 0.7", "ksam": "k_frac 0.1 -> 0.36", "gsam": "rho_min 0.02 -> 0.5 (= rho)",
