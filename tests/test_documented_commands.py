@@ -45,6 +45,7 @@ COVERED_ELSEWHERE = {
     "make gpu-wheels": "tests/test_gpu_check.py",
     "make test": "tests/",                                       # what is running now
     "make test-fast": "tests/",
+    "make leaderboard": "tests/test_leaderboard.py",             # 468 runs; a tiny board end to end there
     "python scripts/compile_check.py": "tests/test_documented_commands.py",  # below, on 2 steps
 }
 SMOKE = ["trainer=debug", "trainer.max_steps=1", "trainer.limit_test_batches=1", "trainer.num_threads=1",
@@ -276,10 +277,13 @@ def exercise(cmd: str, tmp_path: Path, runs_factory, monkeypatch) -> None:
                                  text=True, timeout=60).stdout
             assert "cifar10-%" in out and "test" in out
             return None
+        ran = 0
         for line in make_lines(words[1:]):
             line = line.replace(".venv/bin/python", "python")
             if line.startswith(("python -m esam", "python scripts/")):
                 exercise(line, tmp_path, runs_factory, monkeypatch)
+                ran += 1
+        assert ran, f"{cmd} expands to no command this test can exercise: {make_lines(words[1:])}"
         return None
     pytest.fail(f"no exerciser for {cmd!r}")
 
