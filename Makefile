@@ -23,11 +23,13 @@ $(STAMP): pyproject.toml
 demo: install ## SGD vs SAM vs ESAM on the embedded digits set (CPU, minutes), side-by-side table; METHODS=sam,looksam,... (SGD always runs: the baseline), ARGS=settings
 	$(PYTHON) -m esam.demo $(if $(METHODS),--methods=$(METHODS),) $(ARGS)
 
-test: install ## The whole test suite, slow tests included (what CI runs); the 15 slowest (over 1 s) listed at the end
-	$(PYTHON) -m pytest -q $(ARGS)
+# -n 2: one pytest-xdist worker per core of the 2-core CI machine (TEST_WORKERS=0 runs in one process).
+TEST_WORKERS ?= 2
+test: install ## The whole test suite, slow tests included (what CI runs), on TEST_WORKERS=2 workers; the 15 slowest listed at the end
+	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) $(ARGS)
 
 test-fast: install ## The suite without the tests marked slow (those that start a Python process); ARGS='-k name' etc.
-	$(PYTHON) -m pytest -q -m "not slow" $(ARGS)
+	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) -m "not slow" $(ARGS)
 
 bench: install ## Side-by-side overhead benchmark on ResNet-18 into outputs/bench/<time>/ (ARGS=preset=quick: minutes on 2 CPU cores; ARGS='publish=true' writes results/bench/)
 	$(PYTHON) -m esam.bench $(ARGS)
