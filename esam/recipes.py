@@ -45,6 +45,7 @@ def recipes() -> list[str]:
 
 
 def optimizer_options() -> list[str]:
+    """The options of the optimizer config group (conf/optimizer/*.yaml)."""
     return sorted(p.stem for p in (CONF / "optimizer").glob("*.yaml"))
 
 

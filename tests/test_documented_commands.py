@@ -20,17 +20,14 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Glob
-from torch import nn
 
-from esam.engine import Trainer
-from esam.models import MODELS, register_model
 from esam.train import CONFIG_DIR, added_key_problem
 from helpers import REPO
+from helpers.smoke import train_first_steps
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 STARTS = ("python -m esam", "python3 -m esam", "make ", "python scripts/", "bash scripts/")
@@ -48,9 +45,6 @@ COVERED_ELSEWHERE = {
     "make leaderboard": "tests/test_leaderboard.py",             # 468 runs; a tiny board end to end there
     "python scripts/compile_check.py": "tests/test_documented_commands.py",  # below, on 2 steps
 }
-SMOKE = ["trainer=debug", "trainer.max_steps=1", "trainer.limit_test_batches=1", "trainer.num_threads=1",
-         "trainer.progress=false", "trainer.checkpoint_every=0"]
-SMALL_MODELS = {"resnet_digits", "smoke_stand_in"}
 BENCH_TINY = ["model=resnet_digits", "dataset.image_size=8", "dataset.num_train=32", "dataset.num_test=8",
               "dataset.batch_size=8", "device=cpu", "precision=fp32", "steps=1", "repeats=1", "warmup_steps=1",
               "phase_steps=0", "num_batches=1", "num_threads=1", "flop_steps=1", "max_busy_repeats=0"]
@@ -86,23 +80,6 @@ def test_the_docs_hold_the_commands_this_file_knows():
     cmds = [c for _, c in COMMANDS]
     assert cmds[:2] == ["make demo", "make test"] and len(cmds) > 25
     assert any(c.startswith("python -m esam.train") for c in cmds)
-
-
-# -- the stand-in for paper-sized models --------------------------------------------------------
-class StandIn(nn.Module):
-    """conv-BN-ReLU-pool-linear with a paper model's interface, at a thousandth of its cost."""
-
-    def __init__(self, num_classes: int, in_channels: int = 3) -> None:
-        super().__init__()
-        self.conv, self.bn = nn.Conv2d(in_channels, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8)
-        self.fc = nn.Linear(8, num_classes)
-
-    def forward(self, x):
-        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
-
-
-if "smoke_stand_in" not in MODELS:
-    register_model("smoke_stand_in")(StandIn)
 
 
 # -- exercising each kind of command -------------------------------------------------------------
@@ -150,18 +127,7 @@ def exercise_train(args: list[str], tmp_path: Path) -> None:
     assert multirun or job == args, "a sweep needs -m"
     job = [a for a in job if not a.startswith(("hydra/", "hydra.", "+hydra"))]
     assert added_key_problem(cfg, job) is None
-    extra = list(SMOKE)
-    if cfg.dataset.name in ("cifar10", "cifar100", "imagenet"):  # no dataset on this machine
-        extra.append(f"dataset.fake={cfg.dataset.batch_size}")
-    if cfg.dataset.name == "imagenet":
-        extra.append("dataset.image_size=32")
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        run_cfg = compose("train", overrides=[*job, *extra])
-    if run_cfg.model.name not in SMALL_MODELS:
-        run_cfg.model.name, run_cfg.model.args = "smoke_stand_in", {}
-    trainer = Trainer(run_cfg, tmp_path / "run")
-    with contextlib.redirect_stdout(io.StringIO()):
-        summary = trainer.fit()
+    _, trainer, summary = train_first_steps(job, tmp_path / "run", extra=("trainer.checkpoint_every=0",))
     assert trainer.global_step == 1 and summary["test_acc_final"] >= 0.0
 
 

@@ -2,16 +2,14 @@
 
 The recipes' own batch, m-sharpness, BN rule, precision, schedule and method, on
 ``dataset.fake`` (random images of the dataset's shape) under ``trainer=debug`` (the first steps,
-whatever the recipe's epochs). Paper models too large for CI's CPU run as the small ResNet of the
-builder interface (a one-conv BN network registered here as ``smoke_cnn``: the recipe's
-BatchNorm rules still apply); ResNet-18, the headline recipe, runs for real.
+whatever the recipe's epochs). Paper models too large for CI's CPU run as a stand-in of the same
+builder interface (tests/helpers/smoke.py: the recipe's BatchNorm rules still apply); ResNet-18,
+the headline recipe, runs for real.
 Before this file no test trained a recipe, and every SAM/ESAM CIFAR recipe crashed at step 1
 (m-sharpness chunks gave the trainer one chunk's logits).
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 from pathlib import Path
@@ -20,13 +18,11 @@ import pytest
 import torch
 from torch import nn
 
-from esam.engine import Trainer
-from esam.models import MODELS, register_model
-from esam.models.resnet import INITS, init_kaiming
 from esam.optim import SAM, ESAM, make_closure, METHODS
 from esam.recipes import recipes
 from esam.train import CONFIG_DIR
 from helpers import compose_cfg
+from helpers.smoke import train_first_steps
 
 # Every experiment file, and every recipe with ESAM (m-sharpness, SDS and SWP at the recipe's batch);
 # every method on the CIFAR-10 recipe is the next test, every other cell composes in test_experiments.
@@ -36,41 +32,9 @@ OPTIONS = sorted(p.stem for p in (Path(CONFIG_DIR) / "optimizer").glob("*.yaml")
 STEPS = 1
 
 
-class SmokeCNN(nn.Module):
-    """conv-BN-ReLU-pool-linear: a paper model's interface (classes, channels, any image size,
-    BatchNorm, the recipe's ``init``) at a thousandth of its cost."""
-
-    def __init__(self, num_classes: int, in_channels: int, init: str = "kaiming") -> None:
-        super().__init__()
-        assert init in INITS
-        self.conv, self.bn = nn.Conv2d(in_channels, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8)
-        self.fc = nn.Linear(8, num_classes)
-        if init == "kaiming":
-            init_kaiming(self)
-
-    def forward(self, x):
-        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
-
-
-if "smoke_cnn" not in MODELS:
-    register_model("smoke_cnn")(lambda num_classes, in_channels=3, **kw: SmokeCNN(num_classes, in_channels, **kw))
-
-
 def smoke(name_overrides: list[str], tmp_path: Path, *, stand_in: bool = True, steps: int = STEPS):
     """Train the config's first ``steps`` steps in-process; returns (cfg, trainer, summary)."""
-    cfg0 = compose_cfg(name_overrides)
-    batch = cfg0.dataset.batch_size
-    extra = [f"dataset.fake={batch * steps}", f"trainer.max_steps={steps}", "trainer=debug",
-             "trainer.limit_test_batches=1", "trainer.num_threads=1"]
-    if cfg0.dataset.name == "imagenet":
-        extra.append("dataset.image_size=32")  # 224 px at batch 256 is minutes per step on 2 cores
-    cfg = compose_cfg([*name_overrides, *extra])
-    if stand_in:  # the paper model's own args (PyramidNet's alpha, ...) do not apply to it
-        cfg.model.name, cfg.model.args = "smoke_cnn", {}
-    trainer = Trainer(cfg, tmp_path)
-    with contextlib.redirect_stdout(io.StringIO()):
-        summary = trainer.fit()
-    return cfg, trainer, summary
+    return train_first_steps(name_overrides, tmp_path, steps=steps, stand_in=stand_in)
 
 
 def check_trained(cfg, trainer, summary, tmp_path: Path, steps: int = STEPS) -> None:

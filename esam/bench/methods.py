@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from hydra import compose, initialize_config_dir
@@ -26,8 +25,7 @@ import esam.config  # noqa: F401  (registers the optimizer schemas)
 from esam.config import BenchMode
 from esam.errors import UserError
 from esam.optim import get_method, optimizer_kwargs
-
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
+from esam.recipes import CONF, optimizer_options
 
 
 @dataclass(frozen=True)
@@ -55,11 +53,6 @@ class MethodSpec:
         return get_method(self.method).expected_cost(**self.kwargs)
 
 
-def optimizer_options() -> list[str]:
-    """The options of the optimizer config group (conf/optimizer/*.yaml)."""
-    return sorted(p.stem for p in (CONFIG_DIR / "optimizer").glob("*.yaml"))
-
-
 def registered_options() -> list[str]:
     """Optimizer options whose method is registered: what ``methods=`` can list for 'every method'."""
     from esam.optim import METHODS
@@ -73,7 +66,7 @@ def _compose_option(option: str, base: str | None) -> DictConfig:
     # Inside `python -m esam.bench` Hydra is initialised on conf/; in tests and scripts it is not.
     if GlobalHydra.instance().is_initialized():
         return compose(overrides=overrides).optimizer
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose(overrides=overrides).optimizer
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from esam.data import DataBundle, build_data
+from esam.data import DataBundle, build_data, loader_kwargs
 from esam.errors import UserError
 
 # (channels, image side, classes) of each dataset; ImageNet's side is its recipe's image_size.
@@ -20,9 +20,6 @@ SHAPES: dict[str, tuple[int, int | None, int]] = {
     "digits": (1, 8, 10),
     "synthetic": (3, None, 10),
 }
-# What the synthetic builder and the loaders take; the rest (root, download, ...) is the real data's.
-_KEEP = ("batch_size", "test_batch_size", "augment", "seed", "drop_last", "device", "channels_last",
-         "rank", "world_size")
 
 
 def build_fake(name: str, *, fake: int, **kwargs: Any) -> DataBundle:
@@ -37,4 +34,4 @@ def build_fake(name: str, *, fake: int, **kwargs: Any) -> DataBundle:
     if fake < batch:
         raise UserError(f"dataset.fake={fake} must be at least dataset.batch_size={batch} (one batch)")
     return build_data("synthetic", num_train=fake, num_test=max(1, fake // 4), num_classes=classes,
-                      in_channels=channels, image_size=side, **{k: kwargs[k] for k in _KEEP if k in kwargs})
+                      in_channels=channels, image_size=side, **loader_kwargs(kwargs))  # not root, download, ...

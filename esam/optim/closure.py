@@ -3,7 +3,8 @@
 ``closure(indices=None)`` runs the model on the batch (or on ``indices`` of it) under the
 given autocast and returns per-sample losses with autograd on. It carries what the
 methods need to know about its batch: ``batch_size`` (m-sharpness chunks it), ``device``,
-``first_logits``, the detached logits of its first call (the pass at w), from which
+``first_logits``, the detached logits of each row's first forward (the pass at w; with
+m-sharpness each chunk's own first pass fills its rows), from which
 the trainer measures train accuracy without another forward, and ``sample_ids``, the
 dataset indices of the batch rows when the loader gave them (SAF's per-sample memory
 needs them; ``None`` otherwise). ``closure(return_logits=True)`` returns
