@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from esam.loggers import stat_key
 
@@ -159,3 +160,25 @@ def epoch_record(acc: EpochAccumulator, epoch_time: float, run: Any, *, epoch: i
     for k, v in acc.stats.items():  # whatever the method reports, averaged over the epoch's steps
         record[stat_key(k)] = float(v) / max(1, acc.steps)
     return record
+
+
+def score_loader(run: Any, loader: Any, prefix: str, limit: int = 0) -> dict[str, float]:
+    """``<prefix>_loss``, ``_acc`` and ``_acc5`` of ``run.model`` in eval mode over ``loader`` (its
+    first ``limit`` batches if > 0); the sums stay on the device, one all-reduce under DDP."""
+    run.ddp_model.eval()
+    sums = torch.zeros(4, device=run.device, dtype=torch.float64)  # loss, top1, top5, n
+    for b, (x, y) in enumerate(loader.batches(0)):
+        if limit and b >= limit:
+            break
+        with run.autocast():
+            logits = run.model(x)  # no DDP forward in eval: nothing to synchronise
+        logits = logits.float()
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        sums[0] += F.cross_entropy(logits, y, reduction="sum").double()
+        sums[1] += (top5[:, 0] == y).sum()
+        sums[2] += (top5 == y[:, None]).any(1).sum()
+        sums[3] += y.shape[0]
+    if run.dist.world_size > 1:
+        dist.all_reduce(sums)
+    loss, top1, top5, n = sums.tolist()
+    return {f"{prefix}_loss": loss / n, f"{prefix}_acc": 100.0 * top1 / n, f"{prefix}_acc5": 100.0 * top5 / n}

@@ -23,14 +23,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from esam.engine.build import Run, build_run
 from esam.engine.hooks import FINAL_HOOKS, evaluation_variants, final_hooks
 from esam.engine.checkpoint import (Progress, best_state, checkpoint_state, restore, resolve_resume,
                                     resume_command)
-from esam.engine.monitor import EpochAccumulator, NonFiniteWatch, StepTimer, epoch_record
+from esam.engine.monitor import EpochAccumulator, NonFiniteWatch, StepTimer, epoch_record, score_loader
 from esam.engine.run_files import RunFiles, epoch_line, say, summarize
 from esam.engine.signals import StopSignals
 from esam.errors import UserError
@@ -267,31 +266,11 @@ class Trainer:
     def _evaluate(self) -> dict[str, float]:
         """Test metrics, and the validation split's (val_*) where the dataset carved one: what
         model selection may read (esam.leaderboard never reads test_*)."""
-        out = self._evaluate_on(self.run.data.test, "test")
-        if getattr(self.run.data, "val", None) is not None:
-            out.update(self._evaluate_on(self.run.data.val, "val"))
-        return out
-
-    def _evaluate_on(self, loader, prefix: str) -> dict[str, float]:
-        run = self.run
-        run.ddp_model.eval()
-        sums = torch.zeros(4, device=run.device, dtype=torch.float64)  # loss, top1, top5, n
         limit = self.cfg.trainer.limit_test_batches
-        for b, (x, y) in enumerate(loader.batches(0)):
-            if limit and b >= limit:
-                break
-            with run.autocast():
-                logits = run.model(x)  # no DDP forward in eval: nothing to synchronise
-            logits = logits.float()
-            top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-            sums[0] += F.cross_entropy(logits, y, reduction="sum").double()
-            sums[1] += (top5[:, 0] == y).sum()
-            sums[2] += (top5 == y[:, None]).any(1).sum()
-            sums[3] += y.shape[0]
-        if run.dist.world_size > 1:
-            dist.all_reduce(sums)
-        loss, top1, top5, n = sums.tolist()
-        return {f"{prefix}_loss": loss / n, f"{prefix}_acc": 100.0 * top1 / n, f"{prefix}_acc5": 100.0 * top5 / n}
+        out = score_loader(self.run, self.run.data.test, "test", limit)
+        if getattr(self.run.data, "val", None) is not None:
+            out.update(score_loader(self.run, self.run.data.val, "val", limit))
+        return out
 
     def _end_epoch(self, record: dict[str, Any], logger) -> None:
         """Count the epoch as done, write its line everywhere, then checkpoint."""
